@@ -1,0 +1,22 @@
+import { createRequire } from 'node:module';
+
+/** The optional C helper (native/): SEEK_DATA/SEEK_HOLE and hole punching. */
+export interface NativeHelper {
+  /** Next data (which = 0) or hole (which = 1) offset at or after `offset`; -1 when none. */
+  seek(fd: number, offset: number, which: 0 | 1): number;
+  punchHole(fd: number, offset: number, length: number): boolean;
+}
+
+let cached: NativeHelper | null | undefined;
+
+/** Null when the helper was not built; callers then use portable code. */
+export function nativeHelper(): NativeHelper | null {
+  if (cached !== undefined) return cached;
+  try {
+    const require = createRequire(import.meta.url);
+    cached = require('../../../native/build/Release/vmferry_native.node') as NativeHelper;
+  } catch {
+    cached = null;
+  }
+  return cached;
+}

@@ -1,0 +1,270 @@
+import { randomBytes } from 'node:crypto';
+import {
+  closeSync,
+  constants,
+  write as fsWrite,
+  fsyncSync,
+  ftruncateSync,
+  openSync,
+  readdirSync,
+  renameSync,
+  statSync,
+  unlinkSync,
+} from 'node:fs';
+import { basename, dirname, join } from 'node:path';
+import { ioError } from './errors.js';
+
+/** Where a writer's bytes go: a file that appears atomically, or a pipe written in order. */
+export interface ByteSink {
+  /** The final name the user asked for. */
+  readonly name: string;
+  /** Only ascending writes (a pipe). */
+  readonly sequential: boolean;
+  write(data: Buffer, position: number): Promise<void>;
+  /** Sets the final length (extends with a hole or, on a pipe, with zeros). */
+  setLength(length: number): Promise<void>;
+  /** Flush to stable storage; after this only commit() or abort() may follow. */
+  flush(): Promise<void>;
+  /** Make the result visible under its final name. */
+  commit(): Promise<void>;
+  /** Remove whatever was written. Safe to call more than once and after commit (then a no-op). */
+  abort(): Promise<void>;
+}
+
+const TEMP_MARK = '.vmferry-tmp-';
+const TEMP_PATTERN = /\.vmferry-tmp-(\d+)-[0-9a-f]+$/;
+const liveTemps = new Set<string>();
+
+function pwrite(fd: number, buf: Buffer, pos: number): Promise<void> {
+  return new Promise((resolve, reject) => {
+    const step = (off: number) => {
+      fsWrite(fd, buf, off, buf.length - off, pos + off, (err, n) => {
+        if (err) return reject(err);
+        if (off + n < buf.length) return step(off + n);
+        resolve();
+      });
+    };
+    step(0);
+  });
+}
+
+function processAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === 'EPERM';
+  }
+}
+
+/** Removes temp files that a killed vmferry left in `dir` (their process is gone). */
+export function removeStaleTemps(dir: string): string[] {
+  const removed: string[] = [];
+  let names: string[];
+  try {
+    names = readdirSync(dir);
+  } catch {
+    return removed;
+  }
+  for (const name of names) {
+    const m = TEMP_PATTERN.exec(name);
+    if (!m || processAlive(Number(m[1]))) continue;
+    try {
+      unlinkSync(join(dir, name));
+      removed.push(name);
+    } catch {
+      // another process may have removed it first
+    }
+  }
+  return removed;
+}
+
+/** Unlinks every temp file still open in this process; used by signal handlers. */
+export function abortAllTempsSync(): void {
+  for (const path of liveTemps) {
+    try {
+      unlinkSync(path);
+    } catch {
+      // already gone
+    }
+  }
+  liveTemps.clear();
+}
+
+/** Writes to a hidden temp name beside the target and renames it into place when complete. */
+export class AtomicFileSink implements ByteSink {
+  readonly sequential = false;
+  readonly tempPath: string;
+  private fd: number | null;
+  private state: 'open' | 'flushed' | 'committed' | 'aborted' = 'open';
+
+  constructor(readonly name: string) {
+    const dir = dirname(name);
+    removeStaleTemps(dir);
+    this.tempPath = join(dir, `.${basename(name)}${TEMP_MARK}${process.pid}-${randomBytes(4).toString('hex')}`);
+    try {
+      this.fd = openSync(this.tempPath, constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL, 0o644);
+    } catch (err) {
+      throw ioError(err, name);
+    }
+    liveTemps.add(this.tempPath);
+  }
+
+  /** The descriptor, for helpers such as hole punching. */
+  get descriptor(): number {
+    if (this.fd === null) throw new Error('sink is closed');
+    return this.fd;
+  }
+
+  async write(data: Buffer, position: number): Promise<void> {
+    try {
+      await pwrite(this.descriptor, data, position);
+    } catch (err) {
+      throw ioError(err, this.name);
+    }
+  }
+
+  async setLength(length: number): Promise<void> {
+    try {
+      ftruncateSync(this.descriptor, length);
+    } catch (err) {
+      throw ioError(err, this.name);
+    }
+  }
+
+  async flush(): Promise<void> {
+    if (this.state !== 'open') return;
+    try {
+      fsyncSync(this.descriptor);
+      closeSync(this.descriptor);
+    } catch (err) {
+      throw ioError(err, this.name);
+    }
+    this.fd = null;
+    this.state = 'flushed';
+  }
+
+  async commit(): Promise<void> {
+    await this.flush();
+    if (this.state !== 'flushed') return;
+    try {
+      renameSync(this.tempPath, this.name);
+      liveTemps.delete(this.tempPath);
+      syncDirectory(dirname(this.name));
+    } catch (err) {
+      throw ioError(err, this.name);
+    }
+    this.state = 'committed';
+  }
+
+  async abort(): Promise<void> {
+    if (this.state === 'committed' || this.state === 'aborted') return;
+    if (this.fd !== null) {
+      try {
+        closeSync(this.fd);
+      } catch {
+        // closing is best effort on the way out
+      }
+      this.fd = null;
+    }
+    try {
+      unlinkSync(this.tempPath);
+    } catch {
+      // already gone
+    }
+    liveTemps.delete(this.tempPath);
+    this.state = 'aborted';
+  }
+}
+
+function syncDirectory(dir: string): void {
+  let fd: number | undefined;
+  try {
+    fd = openSync(dir, constants.O_RDONLY);
+    fsyncSync(fd);
+  } catch {
+    // some file systems refuse fsync on directories; the rename itself is still atomic
+  } finally {
+    if (fd !== undefined) closeSync(fd);
+  }
+}
+
+/** A pipe or character device (stdout): written strictly in order, gaps filled with zeros. */
+export class PipeSink implements ByteSink {
+  readonly sequential = true;
+  private position = 0;
+  constructor(
+    readonly name: string,
+    private readonly fd: number,
+  ) {}
+
+  async write(data: Buffer, position: number): Promise<void> {
+    if (position < this.position) {
+      throw ioError(new Error(`cannot seek backwards on a pipe (to ${position} from ${this.position})`), this.name);
+    }
+    await this.padTo(position);
+    try {
+      await pwriteStream(this.fd, data);
+    } catch (err) {
+      throw ioError(err, this.name);
+    }
+    this.position += data.length;
+  }
+
+  private async padTo(position: number): Promise<void> {
+    const zeros = Buffer.alloc(Math.min(1 << 20, Math.max(0, position - this.position)));
+    while (this.position < position) {
+      const n = Math.min(zeros.length, position - this.position);
+      await pwriteStream(this.fd, zeros.subarray(0, n));
+      this.position += n;
+    }
+  }
+
+  async setLength(length: number): Promise<void> {
+    await this.padTo(length);
+  }
+  async flush(): Promise<void> {}
+  async commit(): Promise<void> {}
+  async abort(): Promise<void> {}
+}
+
+function pwriteStream(fd: number, buf: Buffer): Promise<void> {
+  return new Promise((resolve, reject) => {
+    const step = (off: number) => {
+      fsWrite(fd, buf, off, buf.length - off, null, (err, n) => {
+        if (err) {
+          if ((err as NodeJS.ErrnoException).code === 'EAGAIN') return setTimeout(() => step(off), 5);
+          return reject(err);
+        }
+        if (off + n < buf.length) return step(off + n);
+        resolve();
+      });
+    };
+    step(0);
+  });
+}
+
+/** '-' means standard output; a FIFO or character device is written as a pipe; anything else atomically. */
+export function openSink(name: string): ByteSink {
+  if (name === '-') return new PipeSink('(stdout)', 1);
+  let st: ReturnType<typeof statSync> | undefined;
+  try {
+    st = statSync(name);
+  } catch {
+    st = undefined;
+  }
+  if (st && (st.isFIFO() || st.isCharacterDevice())) {
+    try {
+      return new PipeSink(name, openSync(name, constants.O_WRONLY));
+    } catch (err) {
+      throw ioError(err, name);
+    }
+  }
+  return new AtomicFileSink(name);
+}
+
+/** Commits several sinks as one result: all flushed first, then renamed in the given order. */
+export async function commitAll(sinks: ByteSink[]): Promise<void> {
+  for (const s of sinks) await s.flush();
+  for (const s of sinks) await s.commit();
+}
