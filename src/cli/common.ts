@@ -1,0 +1,71 @@
+import { type ParseArgsConfig, parseArgs } from 'node:util';
+import { UsageError, VmferryError } from '../disk/errors.js';
+import { parseOptionString } from '../disk/options.js';
+
+export type OptionSpec = NonNullable<ParseArgsConfig['options']>;
+
+/** Options every image-opening command takes. */
+export const openingOptions = {
+  'allow-external-files': { type: 'boolean' },
+  'max-metadata-memory': { type: 'string' },
+  'ignore-parent-id': { type: 'boolean' },
+  debug: { type: 'boolean' },
+} as const satisfies OptionSpec;
+
+export const outputOption = { output: { type: 'string', default: 'human' } } as const satisfies OptionSpec;
+
+/** util.parseArgs with its errors turned into one-line usage errors. */
+type Parsed<T extends OptionSpec> = ReturnType<
+  typeof parseArgs<{ args: string[]; options: T; allowPositionals: true; strict: true }>
+>;
+
+export function parse<T extends OptionSpec>(args: string[], options: T, usage: string): Parsed<T> {
+  try {
+    return parseArgs({ args, options, allowPositionals: true, strict: true });
+  } catch (err) {
+    const message = (err as Error).message.replace(/\. To specify a positional argument.*$/s, '');
+    throw new UsageError(`${message}; usage: ${usage}`);
+  }
+}
+
+export function outputMode(value: string | undefined): 'human' | 'json' {
+  if (value === undefined || value === 'human') return 'human';
+  if (value === 'json') return 'json';
+  throw new UsageError(`--output must be human or json, not '${value}'`);
+}
+
+/** Merges every -o given (later ones win), qemu-img style. */
+export function mergeOptionStrings(values: string[] | undefined): Record<string, string> {
+  const out: Record<string, string> = {};
+  for (const v of values ?? []) parseOptionString(v, out);
+  return out;
+}
+
+export function positionals(list: string[], count: number, usage: string, names: string[]): string[] {
+  if (list.length < count) throw new UsageError(`Expecting ${names.slice(list.length).join(' and ')}; usage: ${usage}`);
+  if (list.length > count) throw new UsageError(`Unexpected argument '${list[count]}'; usage: ${usage}`);
+  return list;
+}
+
+export function printJson(value: unknown): void {
+  process.stdout.write(`${JSON.stringify(value, null, 4)}\n`);
+}
+
+/** The single line a user sees for an error. */
+export function errorLine(err: unknown): string {
+  if (err instanceof VmferryError) return `vmferry: ${err.describe()}`;
+  const e = err as NodeJS.ErrnoException;
+  return `vmferry: internal error: ${e?.message ?? String(err)} (run with --debug for details)`;
+}
+
+/** qemu-img's human sizes: "512 MiB", "9.77 MiB", "196 KiB". */
+export function humanSize(bytes: number): string {
+  const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB', 'PiB', 'EiB'];
+  let v = bytes;
+  let i = 0;
+  while (v >= 1024 && i < units.length - 1) {
+    v /= 1024;
+    i++;
+  }
+  return `${i === 0 ? v : Number(v.toPrecision(3))} ${units[i]}`;
+}

@@ -1,0 +1,63 @@
+import { parseSize } from '../disk/options.js';
+import { convertImage } from '../ops/convert.js';
+import {
+  humanSize,
+  mergeOptionStrings,
+  openingOptions,
+  outputMode,
+  outputOption,
+  parse,
+  positionals,
+  printJson,
+} from './common.js';
+import { progressReporter } from './progress.js';
+
+export const usage =
+  'vmferry convert [-f FMT] [-O FMT] [-o OPTIONS] [-c] [-p] [-B BACKING [-F BACKING_FMT]] [--snapshot NAME|ID] [--allow-external-files] SRC DST';
+
+export async function convertCommand(args: string[]): Promise<number> {
+  const { values, positionals: pos } = parse(
+    args,
+    {
+      ...openingOptions,
+      ...outputOption,
+      format: { type: 'string', short: 'f' },
+      'target-format': { type: 'string', short: 'O' },
+      options: { type: 'string', short: 'o', multiple: true },
+      compress: { type: 'boolean', short: 'c' },
+      progress: { type: 'boolean', short: 'p' },
+      backing: { type: 'string', short: 'B' },
+      'backing-format': { type: 'string', short: 'F' },
+      snapshot: { type: 'string', short: 'l' },
+      quiet: { type: 'boolean', short: 'q' },
+    },
+    usage,
+  );
+  const [src, dst] = positionals(pos, 2, usage, ['SRC', 'DST']);
+  const mode = outputMode(values.output);
+  const progress = progressReporter(values.progress === true, 'convert');
+  const snapshot = values.snapshot?.replace(/^snapshot\.(name|id)=/, '');
+  const result = await convertImage({
+    source: src!,
+    target: dst!,
+    sourceFormat: values.format,
+    targetFormat: values['target-format'],
+    options: mergeOptionStrings(values.options),
+    compress: values.compress,
+    targetBacking: values.backing,
+    targetBackingFormat: values['backing-format'],
+    snapshot,
+    allowExternalFiles: values['allow-external-files'],
+    ignoreParentId: values['ignore-parent-id'],
+    maxMetadataMemory: values['max-metadata-memory'] ? parseSize(values['max-metadata-memory']) : undefined,
+    onProgress: progress.update,
+  });
+  progress.stop();
+  if (mode === 'json') printJson(result);
+  else if (values.progress) {
+    process.stderr.write(
+      `converted ${result.sourceFormat} -> ${result.targetFormat}: ${humanSize(result.dataBytes)} of data in ${result.seconds.toFixed(2)} s\n`,
+    );
+  }
+  return 0;
+}
