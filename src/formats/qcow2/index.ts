@@ -1,11 +1,9 @@
-import { UnsupportedFeatureError } from '../../disk/errors.js';
 import type { FormatDriver } from '../../disk/types.js';
+import { QCOW2_MAGIC } from './layout.js';
+import { Qcow2Reader } from './reader.js';
 
-// Placeholder until the qcow2 driver lands: recognises nothing, opens nothing.
 export const qcow2Driver: FormatDriver = {
   name: 'qcow2',
-  probe: () => 0,
-  open: async (path) => {
-    throw new UnsupportedFeatureError('the qcow2 format is not implemented yet', path);
-  },
+  probe: (head) => (head.length >= 8 && head.readUInt32BE(0) === QCOW2_MAGIC && [2, 3].includes(head.readUInt32BE(4)) ? 100 : 0),
+  open: (path, options) => Qcow2Reader.open(path, options),
 };
