@@ -1,11 +1,12 @@
-import { UnsupportedFeatureError } from '../../disk/errors.js';
 import type { FormatDriver } from '../../disk/types.js';
+import { looksLikeDescriptor, MAX_DESCRIPTOR_BYTES } from './layout.js';
+import { extentMagic, VmdkReader } from './reader.js';
 
-// Placeholder until the vmdk driver lands: recognises nothing, opens nothing.
 export const vmdkDriver: FormatDriver = {
   name: 'vmdk',
-  probe: () => 0,
-  open: async (path) => {
-    throw new UnsupportedFeatureError('the vmdk format is not implemented yet', path);
+  probe(head, _tail, size) {
+    if (extentMagic(head) !== 'other') return 100;
+    return size <= MAX_DESCRIPTOR_BYTES && looksLikeDescriptor(head) ? 100 : 0;
   },
+  open: (path, options) => VmdkReader.open(path, options),
 };

@@ -1,0 +1,345 @@
+/**
+ * Sparse extents (hosted KDMV, ESX COWD, seSparse) behind one lookup, plus the two caches the
+ * reader needs: open extent files (bounded fd count) and metadata tables (bounded bytes).
+ */
+import { inflateSync } from 'node:zlib';
+import { CorruptImageError } from '../../disk/errors.js';
+import type { Segment } from '../../disk/mapped.js';
+import { type ByteSource, FileSource, readExact } from '../../disk/source.js';
+import {
+  COWD_GTES_PER_GT,
+  type CowdHeader,
+  FLAG_COMPRESSED,
+  FLAG_MARKERS,
+  FLAG_ZERO_GRAIN,
+  SECTOR,
+  type SeSparseHeader,
+  type SparseHeader,
+} from './layout.js';
+
+/** Keeps at most `limit` extent files open; a file in the middle of a read is never closed. */
+export class FilePool {
+  private readonly open = new Set<LazyFile>();
+  constructor(private readonly limit = 64) {}
+  touch(f: LazyFile): void {
+    this.open.delete(f);
+    this.open.add(f);
+    if (this.open.size <= this.limit) return;
+    for (const old of this.open) {
+      if (this.open.size <= this.limit) break;
+      if (old !== f && old.idle()) {
+        this.open.delete(old);
+        old.release();
+      }
+    }
+  }
+  forget(f: LazyFile): void {
+    this.open.delete(f);
+  }
+}
+
+/** A read-only file opened on demand (twoGbMaxExtent images of a 2 TiB disk have 1024 of them). */
+export class LazyFile implements ByteSource {
+  readonly size: number;
+  private src: FileSource | null;
+  private busy = 0;
+  private closed = false;
+  constructor(
+    readonly name: string,
+    private readonly pool: FilePool,
+  ) {
+    this.src = FileSource.open(name);
+    this.size = this.src.size;
+    pool.touch(this);
+  }
+  idle(): boolean {
+    return this.busy === 0;
+  }
+  release(): void {
+    const s = this.src;
+    this.src = null;
+    void s?.close();
+  }
+  async read(position: number, length: number, into?: Buffer): Promise<Buffer> {
+    if (this.closed) throw new CorruptImageError('read after close', this.name);
+    this.busy++;
+    try {
+      if (!this.src) this.src = FileSource.open(this.name);
+      this.pool.touch(this);
+      return await this.src.read(position, length, into);
+    } finally {
+      this.busy--;
+    }
+  }
+  async close(): Promise<void> {
+    this.closed = true;
+    this.pool.forget(this);
+    this.release();
+  }
+}
+
+/** Least-recently-used cache of metadata tables under a byte budget. */
+export class MetaCache {
+  private readonly map = new Map<string, Buffer>();
+  private bytes = 0;
+  constructor(private readonly budget: number) {}
+  async get(key: string, load: () => Promise<Buffer>): Promise<Buffer> {
+    const hit = this.map.get(key);
+    if (hit) {
+      this.map.delete(key);
+      this.map.set(key, hit);
+      return hit;
+    }
+    const buf = await load();
+    this.map.set(key, buf);
+    this.bytes += buf.length;
+    for (const [k, v] of this.map) {
+      if (this.bytes <= this.budget || k === key) break;
+      this.map.delete(k);
+      this.bytes -= v.length;
+    }
+    return buf;
+  }
+}
+
+type Grain = { kind: 'unallocated' } | { kind: 'zero' } | { kind: 'data'; pos: number } | { kind: 'compressed'; pos: number };
+
+const GD_PAGE = 4096;
+let nextExtentId = 0;
+
+/** One sparse extent: a grain directory of grain tables of grains, whatever the dialect. */
+export class SparseExtent {
+  readonly id = nextExtentId++;
+  readonly grainBytes: number;
+  readonly gtEntries: number;
+  readonly gdEntries: number;
+  readonly entrySize: 4 | 8;
+  readonly compressed: boolean;
+  private lastGrain: { pos: number; data: Buffer } | null = null;
+
+  private constructor(
+    readonly dialect: 'kdmv' | 'cowd' | 'sesparse',
+    readonly source: ByteSource,
+    /** Guest bytes this extent covers. */
+    readonly length: number,
+    grainSectors: number,
+    gtEntries: number,
+    readonly gdOffset: number,
+    private readonly cache: MetaCache,
+    private readonly flags: number,
+    private readonly seSparse?: SeSparseHeader,
+  ) {
+    this.grainBytes = grainSectors * SECTOR;
+    this.gtEntries = gtEntries;
+    this.gdEntries = Math.ceil(length / (this.grainBytes * gtEntries));
+    this.entrySize = dialect === 'sesparse' ? 8 : 4;
+    this.compressed = (flags & FLAG_COMPRESSED) !== 0;
+    if (gdOffset + this.gdEntries * this.entrySize > source.size) {
+      throw new CorruptImageError(
+        `grain directory at offset ${gdOffset} (${this.gdEntries} entries) lies beyond the end of the file (${source.size} bytes)`,
+        source.name,
+      );
+    }
+  }
+
+  get clusterSize(): number {
+    return this.grainBytes;
+  }
+  get hasMarkers(): boolean {
+    return (this.flags & FLAG_MARKERS) !== 0;
+  }
+
+  static kdmv(source: ByteSource, h: SparseHeader, gdSector: number, length: number, cache: MetaCache): SparseExtent {
+    return new SparseExtent('kdmv', source, length, h.grainSize, h.numGTEsPerGT, gdSector * SECTOR, cache, h.flags);
+  }
+  static cowd(source: ByteSource, h: CowdHeader, length: number, cache: MetaCache): SparseExtent {
+    return new SparseExtent('cowd', source, length, h.grainSize, COWD_GTES_PER_GT, h.gdOffset * SECTOR, cache, 0);
+  }
+  static sesparse(source: ByteSource, h: SeSparseHeader, length: number, cache: MetaCache): SparseExtent {
+    const gtEntries = (h.grainTableSize * SECTOR) / 8;
+    return new SparseExtent('sesparse', source, length, h.grainSize, gtEntries, h.grainDirOffset * SECTOR, cache, 0, h);
+  }
+
+  private gdPage(page: number): Promise<Buffer> {
+    return this.cache.get(`${this.id}:gd:${page}`, () => {
+      const first = page * GD_PAGE;
+      const n = Math.min(GD_PAGE, this.gdEntries - first);
+      return readExact(this.source, this.gdOffset + first * this.entrySize, n * this.entrySize, 'grain directory');
+    });
+  }
+
+  /** Byte offset of grain table `i`, or 0 when it is absent. */
+  private gtOffsetFrom(page: Buffer, j: number): number {
+    if (this.entrySize === 4) return page.readUInt32LE(j * 4) * SECTOR;
+    const hi = page.readUInt32LE(j * 8 + 4);
+    const lo = page.readUInt32LE(j * 8);
+    if (hi === 0 && lo === 0) return 0;
+    if (hi !== 0x10000000) {
+      throw new CorruptImageError(
+        `seSparse grain directory entry ${hi.toString(16)}${lo.toString(16).padStart(8, '0')} is invalid`,
+        this.source.name,
+      );
+    }
+    const se = this.seSparse!;
+    const gtBytes = this.gtEntries * 8;
+    if (lo * gtBytes >= se.grainTablesSize * SECTOR) {
+      throw new CorruptImageError(`seSparse grain table index ${lo} lies outside the grain tables area`, this.source.name);
+    }
+    return se.grainTablesOffset * SECTOR + lo * gtBytes;
+  }
+
+  private gt(index: number, offset: number): Promise<Buffer> {
+    return this.cache.get(`${this.id}:gt:${index}`, () =>
+      readExact(this.source, offset, this.gtEntries * this.entrySize, `grain table ${index}`),
+    );
+  }
+
+  private grain(gt: Buffer, j: number): Grain {
+    if (this.entrySize === 4) {
+      const v = gt.readUInt32LE(j * 4);
+      if (v === 0) return { kind: 'unallocated' };
+      if (v === 1 && this.dialect === 'kdmv' && (this.flags & FLAG_ZERO_GRAIN) !== 0) return { kind: 'zero' };
+      return { kind: this.compressed ? 'compressed' : 'data', pos: v * SECTOR };
+    }
+    const hi = gt.readUInt32LE(j * 8 + 4);
+    const lo = gt.readUInt32LE(j * 8);
+    switch (hi >>> 28) {
+      case 0:
+        if (hi !== 0 || lo !== 0) throw new CorruptImageError('seSparse grain table entry is invalid', this.source.name);
+        return { kind: 'unallocated' };
+      case 1: // unmapped
+      case 2: // zero
+        return { kind: 'zero' };
+      case 3: {
+        // index = bits 48..59 as the low 12 bits, bits 0..47 shifted up by 12
+        const low48 = (hi & 0xffff) * 2 ** 32 + lo;
+        const index = ((hi >>> 16) & 0xfff) + low48 * 4096;
+        const se = this.seSparse!;
+        const pos = (se.grainsOffset + index * se.grainSize) * SECTOR;
+        if (!Number.isSafeInteger(pos)) throw new CorruptImageError('seSparse grain offset is out of range', this.source.name);
+        return { kind: 'data', pos };
+      }
+      default:
+        throw new CorruptImageError('seSparse grain table entry has an unknown type', this.source.name);
+    }
+  }
+
+  /** What the guest bytes at `rel` (relative to this extent) are, for up to `max` bytes. */
+  async lookup(rel: number, max: number): Promise<Segment> {
+    const gb = this.grainBytes;
+    const coverage = gb * this.gtEntries;
+    const gtIndex = Math.floor(rel / coverage);
+    const want = Math.min(max, this.length - rel);
+    // Grain table absent: answer for every following absent table too.
+    let page = Math.floor(gtIndex / GD_PAGE);
+    let buf = await this.gdPage(page);
+    const gtOffset = this.gtOffsetFrom(buf, gtIndex - page * GD_PAGE);
+    if (gtOffset === 0) {
+      let next = gtIndex + 1;
+      while (next * coverage < rel + want && next < this.gdEntries) {
+        const p = Math.floor(next / GD_PAGE);
+        if (p !== page) {
+          page = p;
+          buf = await this.gdPage(p);
+        }
+        if (this.gtOffsetFrom(buf, next - p * GD_PAGE) !== 0) break;
+        next++;
+      }
+      return { kind: 'unallocated', length: Math.min(want, next * coverage - rel) };
+    }
+    const gt = await this.gt(gtIndex, gtOffset);
+    const first = Math.floor(rel / gb) - gtIndex * this.gtEntries;
+    const skip = rel - Math.floor(rel / gb) * gb;
+    const g = this.grain(gt, first);
+    if (g.kind === 'compressed') {
+      const length = Math.min(want, gb - skip);
+      const grainEnd = Math.min(gb, this.length - (rel - skip));
+      return { kind: 'encoded', length, skip, load: () => this.loadCompressed(g.pos, grainEnd) };
+    }
+    // Extend over following grains of the same kind (and, for data, contiguous in the file).
+    let j = first + 1;
+    let end = rel - skip + gb;
+    while (end < rel + want && j < this.gtEntries) {
+      const n = this.grain(gt, j);
+      if (n.kind !== g.kind) break;
+      if (g.kind === 'data' && n.kind === 'data' && n.pos !== g.pos + (j - first) * gb) break;
+      j++;
+      end += gb;
+    }
+    const length = Math.min(want, end - rel);
+    if (g.kind === 'data') {
+      const position = g.pos + skip;
+      if (position + length > this.source.size) {
+        throw new CorruptImageError(
+          `grain at offset ${g.pos} lies beyond the end of the file (${this.source.size} bytes); the image is truncated or corrupt`,
+          this.source.name,
+        );
+      }
+      return { kind: 'data', length, source: this.source, position };
+    }
+    return { kind: g.kind, length };
+  }
+
+  /** Reads and inflates one compressed grain; the last decoded grain is kept for small reads. */
+  private async loadCompressed(pos: number, needed: number): Promise<Buffer> {
+    if (this.lastGrain?.pos === pos) return this.lastGrain.data;
+    const gb = this.grainBytes;
+    let stream: Buffer;
+    if (this.hasMarkers) {
+      const head = await readExact(this.source, pos, 12, 'grain marker');
+      const size = head.readUInt32LE(8);
+      if (size === 0 || size > 2 * gb + 1024) {
+        throw new CorruptImageError(`compressed grain at offset ${pos} claims ${size} bytes`, this.source.name);
+      }
+      stream = await readExact(this.source, pos + 12, size, 'compressed grain');
+    } else {
+      stream = await readExact(this.source, pos, Math.min(2 * gb, this.source.size - pos), 'compressed grain');
+    }
+    let data: Buffer;
+    try {
+      data = inflateSync(stream, { maxOutputLength: gb });
+    } catch (err) {
+      throw new CorruptImageError(
+        `compressed grain at offset ${pos} does not inflate (${(err as Error).message})`,
+        this.source.name,
+      );
+    }
+    if (data.length < needed) {
+      throw new CorruptImageError(
+        `compressed grain at offset ${pos} inflates to ${data.length} bytes, ${needed} expected`,
+        this.source.name,
+      );
+    }
+    if (data.length < gb) data = Buffer.concat([data, Buffer.alloc(gb - data.length)]);
+    this.lastGrain = { pos, data };
+    return data;
+  }
+
+  /** Walks every allocated grain table entry (for check): calls `visit` per table and grain. */
+  async walk(
+    onTable: (gtIndex: number, offset: number) => void | Promise<void>,
+    onGrain: (gtIndex: number, j: number, kind: 'data' | 'compressed', pos: number) => void,
+  ): Promise<void> {
+    for (let page = 0; page * GD_PAGE < this.gdEntries; page++) {
+      const buf = await this.gdPage(page);
+      const n = buf.length / this.entrySize;
+      for (let k = 0; k < n; k++) {
+        const gtIndex = page * GD_PAGE + k;
+        const off = this.gtOffsetFrom(buf, k);
+        if (off === 0) continue;
+        await onTable(gtIndex, off);
+        if (off + this.gtEntries * this.entrySize > this.source.size) continue;
+        const gt = await this.gt(gtIndex, off);
+        for (let j = 0; j < this.gtEntries; j++) {
+          const g = this.grain(gt, j);
+          if (g.kind === 'data' || g.kind === 'compressed') onGrain(gtIndex, j, g.kind, g.pos);
+        }
+      }
+    }
+  }
+
+  /** Raw grain table bytes (for comparing the redundant copy in check). */
+  readTable(offset: number): Promise<Buffer> {
+    return readExact(this.source, offset, this.gtEntries * this.entrySize, 'grain table');
+  }
+}
