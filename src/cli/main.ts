@@ -55,7 +55,7 @@ export async function main(argv: string[]): Promise<number> {
   }
   const command = commands[name];
   if (!command) {
-    process.stderr.write(`vmferry: unknown command '${name}'\n${help()}`);
+    process.stderr.write(`vmferry: unknown command '${name}'; run 'vmferry --help' for the list\n`);
     return 1;
   }
   if (args.includes('--help') || args.includes('-h')) {

@@ -98,6 +98,11 @@ export async function compareImages(a: DiskReader, b: DiskReader, strict = false
     const larger = a.virtualSize > b.virtualSize ? a : b;
     at = await firstNonZero(larger, common);
   }
-  if (at >= 0) return { identical: false, offset: at, message: `Content mismatch at offset ${at}!` };
-  return { identical: true, message: 'Images are identical.' };
+  if (at >= 0) {
+    // qemu-img names the 512-byte sector where the first difference lies.
+    const sector = Math.floor(at / 512) * 512;
+    return { identical: false, offset: sector, message: `Content mismatch at offset ${sector}!` };
+  }
+  const warning = a.virtualSize !== b.virtualSize ? 'Warning: Image size mismatch!\n' : '';
+  return { identical: true, message: `${warning}Images are identical.` };
 }

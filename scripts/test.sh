@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The whole test suite, on a fresh Debian/Ubuntu machine: installs the test oracles when missing,
+# installs the project, builds, lints, runs every test against qemu-img, libyal and the corpus.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+missing=()
+have() { command -v "$1" >/dev/null 2>&1; }
+pyhas() { /usr/bin/python3 -c "import $1" >/dev/null 2>&1; }
+have qemu-img || missing+=(qemu-utils)
+have vmdkinfo || missing+=(libvmdk-utils)
+have vhdiinfo || missing+=(libvhdi-utils)
+have qcowinfo || missing+=(libqcow-utils)
+pyhas pyvmdk || missing+=(python3-libvmdk)
+pyhas pyvhdi || missing+=(python3-libvhdi)
+pyhas pyqcow || missing+=(python3-libqcow)
+have sfdisk || missing+=(fdisk)
+have mke2fs || missing+=(e2fsprogs)
+have make || missing+=(make)
+have g++ || missing+=(g++)
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "test.sh: installing test oracles: ${missing[*]}"
+  sudo=""
+  [ "$(id -u)" -ne 0 ] && sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+if [ ! -d node_modules ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
+  npm ci --no-audit --no-fund
+fi
+npx tsc -p .
+npx biome check .
+node --test --test-concurrency=2 dist/test/

@@ -1,0 +1,48 @@
+import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import { existsSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { test } from 'node:test';
+import { AtomicFileSink, removeStaleTemps } from '../../src/disk/sink.js';
+import { tmpDir } from '../helpers/index.js';
+
+test('an atomic sink shows nothing under the final name until commit', async () => {
+  const dir = tmpDir();
+  const target = join(dir, 'out.img');
+  const sink = new AtomicFileSink(target);
+  await sink.write(Buffer.from('hello'), 0);
+  await sink.write(Buffer.from('world'), 10);
+  assert.equal(existsSync(target), false);
+  await sink.setLength(20);
+  await sink.commit();
+  const data = readFileSync(target);
+  assert.equal(data.length, 20);
+  assert.equal(data.subarray(0, 5).toString(), 'hello');
+  assert.equal(data.subarray(10, 15).toString(), 'world');
+  assert.deepEqual(readdirSync(dir), ['out.img']);
+});
+
+test('abort removes the temp file and leaves an existing target untouched', async () => {
+  const dir = tmpDir();
+  const target = join(dir, 'out.img');
+  writeFileSync(target, 'previous');
+  const sink = new AtomicFileSink(target);
+  await sink.write(Buffer.from('partial'), 0);
+  await sink.abort();
+  await sink.abort();
+  assert.equal(readFileSync(target, 'utf8'), 'previous');
+  assert.deepEqual(readdirSync(dir), ['out.img']);
+});
+
+test('temp files of a killed process are removed by the next run; live ones are kept', async () => {
+  const dir = tmpDir();
+  // A process that is certainly dead: spawn one and wait for it to exit.
+  const child = spawn(process.execPath, ['-e', '0']);
+  await new Promise((r) => child.on('exit', r));
+  const dead = `.out.img.vmferry-tmp-${child.pid}-abcd1234`;
+  const live = `.out.img.vmferry-tmp-${process.pid}-abcd1234`;
+  writeFileSync(join(dir, dead), 'x');
+  writeFileSync(join(dir, live), 'x');
+  assert.deepEqual(removeStaleTemps(dir), [dead]);
+  assert.deepEqual(readdirSync(dir), [live]);
+});
