@@ -1,3 +1,4 @@
+import { appendFileSync } from 'node:fs';
 import '../formats/index.js';
 import { abortAllTempsSync } from '../disk/sink.js';
 import { checkCommand, usage as checkUsage } from './check.js';
@@ -36,6 +37,23 @@ function help(): string {
 }
 
 const EXIT_INTERRUPTED = 130;
+
+/**
+ * VMFERRY_STATS=FILE: append one JSON line with this run's peak RSS and CPU time, for benchmarks
+ * and the bounded-memory tests (measured by the kernel, not estimated).
+ */
+function writeRunStats(): void {
+  const file = process.env.VMFERRY_STATS;
+  if (!file) return;
+  const u = process.resourceUsage();
+  const line = {
+    command: process.argv.slice(2),
+    maxRssBytes: u.maxRSS * 1024,
+    userCpuUs: u.userCPUTime,
+    systemCpuUs: u.systemCPUTime,
+  };
+  appendFileSync(file, `${JSON.stringify(line)}\n`);
+}
 
 /** Runs one command; returns the exit code. Errors become one line on stderr. */
 export async function main(argv: string[]): Promise<number> {
@@ -78,6 +96,7 @@ export async function main(argv: string[]): Promise<number> {
     if (debug && err instanceof Error && err.stack) process.stderr.write(`${err.stack}\n`);
     return command.errorCode ?? 1;
   } finally {
+    writeRunStats();
     process.removeListener('SIGINT', onSignal);
     process.removeListener('SIGTERM', onSignal);
   }
