@@ -1,11 +1,15 @@
-import { UnsupportedFeatureError } from '../../disk/errors.js';
 import type { FormatDriver } from '../../disk/types.js';
+import { checkVhdx } from './check.js';
+import { hasFileSignature } from './layout.js';
+import { VhdxReader } from './reader.js';
+import { measureVhdx, VHDX_CREATE_OPTIONS, VhdxWriter } from './writer.js';
 
-// Placeholder until the vhdx driver lands: recognises nothing, opens nothing.
 export const vhdxDriver: FormatDriver = {
   name: 'vhdx',
-  probe: () => 0,
-  open: async (path) => {
-    throw new UnsupportedFeatureError('the vhdx format is not implemented yet', path);
-  },
+  probe: (head) => (hasFileSignature(head) ? 100 : 0),
+  open: (path, options) => VhdxReader.open(path, options),
+  create: (path, size, options) => VhdxWriter.create(path, size, options),
+  createOptions: VHDX_CREATE_OPTIONS,
+  check: (path, options) => checkVhdx(path, options),
+  measure: (source, virtualSize, options) => measureVhdx(source, virtualSize, options),
 };
