@@ -355,6 +355,8 @@ export interface HeaderFields {
   backingFile?: string;
   backingFormat?: string;
   dataFile?: string;
+  /** Include the feature name table (left out when the first cluster is too small). */
+  featureTable?: boolean;
 }
 
 /** Feature name table entries vmferry writes (as qemu does), so tools can name the bits. */
@@ -399,13 +401,15 @@ export function encodeHeader(f: HeaderFields): Buffer {
     fixed.writeUInt8(f.compressionType, 104);
     if (f.backingFormat) parts.push(extension(EXT_BACKING_FORMAT, Buffer.from(f.backingFormat, 'utf8')));
     if (f.dataFile) parts.push(extension(EXT_DATA_FILE, Buffer.from(f.dataFile, 'utf8')));
-    const table = Buffer.alloc(48 * FEATURE_TABLE.length);
-    FEATURE_TABLE.forEach(([type, bit, name], i) => {
-      table[i * 48] = type;
-      table[i * 48 + 1] = bit;
-      table.write(name, i * 48 + 2, 46, 'latin1');
-    });
-    parts.push(extension(EXT_FEATURE_TABLE, table));
+    if (f.featureTable !== false) {
+      const table = Buffer.alloc(48 * FEATURE_TABLE.length);
+      FEATURE_TABLE.forEach(([type, bit, name], i) => {
+        table[i * 48] = type;
+        table[i * 48 + 1] = bit;
+        table.write(name, i * 48 + 2, 46, 'latin1');
+      });
+      parts.push(extension(EXT_FEATURE_TABLE, table));
+    }
     parts.push(Buffer.alloc(8)); // end of extensions
   } else if (f.backingFormat) {
     // Version 2 images may carry extensions too (qemu writes the backing format there).

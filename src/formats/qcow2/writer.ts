@@ -1,0 +1,631 @@
+import { dirname, isAbsolute, resolve as resolvePath } from 'node:path';
+import { deflateRawSync, constants as zc } from 'node:zlib';
+import { compress as zstdCompress } from 'zstd-napi';
+import { UsageError, VmferryError } from '../../disk/errors.js';
+import { checkKnownOptions, parseBoolOption, parseSize } from '../../disk/options.js';
+import { openImage } from '../../disk/registry.js';
+import { type ByteSink, openSink } from '../../disk/sink.js';
+import type { CreateOptions, DiskReader, DiskWriter } from '../../disk/types.js';
+import {
+  COMPAT_LAZY_REFCOUNTS,
+  COMPRESSION_ZLIB,
+  COMPRESSION_ZSTD,
+  encodeCompressedEntry,
+  encodeHeader,
+  type HeaderFields,
+  INCOMPAT_COMPRESSION,
+  INCOMPAT_EXTL2,
+  MAX_L1_BYTES,
+  SUBCLUSTERS,
+} from './layout.js';
+
+export const QCOW2_CREATE_OPTIONS = [
+  'compat',
+  'cluster_size',
+  'compression_type',
+  'preallocation',
+  'backing_file',
+  'backing_fmt',
+  'extended_l2',
+  'refcount_bits',
+  'lazy_refcounts',
+] as const;
+
+/** The image's shape, as the -o options choose it. */
+export interface Qcow2Layout {
+  version: 2 | 3;
+  clusterBits: number;
+  clusterSize: number;
+  extL2: boolean;
+  refcountOrder: number;
+  compressionType: number;
+  lazyRefcounts: boolean;
+  preallocate: boolean;
+  backingFile?: string;
+  backingFormat?: string;
+  /** L2 entries per table. */
+  l2Entries: number;
+  l1Size: number;
+}
+
+/** Parses and checks create options the way qemu-img does. */
+export function parseCreateOptions(virtualSize: number, options: CreateOptions): Qcow2Layout {
+  const o = options.options;
+  checkKnownOptions('qcow2', o, QCOW2_CREATE_OPTIONS);
+  const compat = o.compat ?? '1.1';
+  let version: 2 | 3;
+  if (compat === '1.1' || compat === 'v3') version = 3;
+  else if (compat === '0.10' || compat === 'v2') version = 2;
+  else throw new UsageError(`Invalid compat version '${compat}' (use 0.10 or 1.1)`);
+  const clusterSize = o.cluster_size === undefined ? 65536 : parseSize(o.cluster_size, 'cluster_size');
+  const clusterBits = Math.log2(clusterSize);
+  if (!Number.isInteger(clusterBits) || clusterBits < 9 || clusterBits > 21) {
+    throw new UsageError(`Cluster size must be a power of two between 512 and 2048k (got ${o.cluster_size})`);
+  }
+  const ct = o.compression_type ?? 'zlib';
+  if (ct !== 'zlib' && ct !== 'zstd') throw new UsageError(`Invalid compression_type '${ct}' (use zlib or zstd)`);
+  const compressionType = ct === 'zstd' ? COMPRESSION_ZSTD : COMPRESSION_ZLIB;
+  if (compressionType !== COMPRESSION_ZLIB && version === 2) {
+    throw new UsageError('Compression types other than zlib need compat=1.1 or above');
+  }
+  const extL2 = parseBoolOption(o.extended_l2, 'extended_l2', false);
+  if (extL2 && version === 2) throw new UsageError('Extended L2 entries are only supported with compat=1.1 and above');
+  if (extL2 && clusterSize < 16384)
+    throw new UsageError('Extended L2 entries are only supported with cluster sizes of at least 16384 bytes');
+  const refcountBits = o.refcount_bits === undefined ? 16 : Number(o.refcount_bits);
+  const refcountOrder = Math.log2(refcountBits);
+  if (!Number.isInteger(refcountOrder) || refcountOrder < 0 || refcountOrder > 6) {
+    throw new UsageError('Refcount width must be a power of two and may not exceed 64 bits');
+  }
+  if (version === 2 && refcountBits !== 16) {
+    throw new UsageError(
+      'Different refcount widths than 16 bits require compatibility level 1.1 or above (use compat=1.1 or greater)',
+    );
+  }
+  const lazyRefcounts = parseBoolOption(o.lazy_refcounts, 'lazy_refcounts', false);
+  if (lazyRefcounts && version === 2)
+    throw new UsageError('Lazy refcounts only supported with compatibility level 1.1 and above');
+  const prealloc = o.preallocation ?? 'off';
+  if (prealloc !== 'off' && prealloc !== 'metadata') {
+    throw new UsageError(`Unsupported preallocation mode '${prealloc}' for qcow2 (use off or metadata)`);
+  }
+  const preallocate = prealloc === 'metadata';
+  if (o.backing_fmt !== undefined && o.backing_file === undefined) {
+    throw new UsageError('backing_fmt needs backing_file');
+  }
+  if (preallocate && o.backing_file !== undefined) {
+    throw new UsageError('Backing file and preallocation can not be used at the same time');
+  }
+  if (preallocate && options.compress) throw new UsageError('Compression cannot be used with preallocation=metadata');
+  if (!Number.isSafeInteger(virtualSize) || virtualSize < 0) throw new UsageError(`Invalid image size ${virtualSize}`);
+  const l2Entries = clusterSize / (extL2 ? 16 : 8);
+  const l1Size = Math.ceil(virtualSize / (clusterSize * l2Entries));
+  if (l1Size * 8 > MAX_L1_BYTES) {
+    throw new UsageError(`Image size ${virtualSize} is too large for a cluster size of ${clusterSize} (L1 table above 32 MiB)`);
+  }
+  return {
+    version,
+    clusterBits,
+    clusterSize,
+    extL2,
+    refcountOrder,
+    compressionType,
+    lazyRefcounts,
+    preallocate,
+    backingFile: o.backing_file,
+    backingFormat: o.backing_fmt,
+    l2Entries,
+    l1Size,
+  };
+}
+
+/** Compresses one cluster as qemu does; null when it does not shrink below a cluster. Pure. */
+export function compressCluster(data: Buffer, clusterSize: number, type: number): Buffer | null {
+  const out =
+    type === COMPRESSION_ZSTD
+      ? zstdCompress(data)
+      : // qemu inflates with a 4 KiB window (windowBits -12), so deflate with one.
+        deflateRawSync(data, { windowBits: 12, memLevel: 9, level: zc.Z_DEFAULT_COMPRESSION });
+  return out.length < clusterSize ? out : null;
+}
+
+const KIND_UNALLOCATED = 0;
+const KIND_DATA = 1;
+const KIND_ZERO = 2;
+const KIND_COMPRESSED = 3;
+
+/** One L2 table being built: per entry its kind, host offset and (compressed) size or (ext L2) bitmaps. */
+interface L2Build {
+  kind: Uint8Array;
+  host: Float64Array;
+  /** Compressed: bytes; unused otherwise. */
+  csize: Uint32Array;
+  /** Extended L2 only: subcluster allocation and zero bits. */
+  alloc?: Uint32Array;
+  zero?: Uint32Array;
+}
+
+/** A growable array of per-host-cluster reference counts. */
+class RefCounts {
+  private arr = new Uint16Array(1024);
+  length = 0;
+  get(i: number): number {
+    return i < this.arr.length ? this.arr[i]! : 0;
+  }
+  add(i: number, n = 1): void {
+    if (i >= this.arr.length) {
+      let size = this.arr.length;
+      while (size <= i) size *= 2;
+      const next = new Uint16Array(size);
+      next.set(this.arr);
+      this.arr = next;
+    }
+    this.arr[i]! += n;
+    if (i + 1 > this.length) this.length = i + 1;
+  }
+}
+
+/**
+ * Writes a qcow2 image: data clusters appended in write order (or at fixed places with
+ * preallocation=metadata), L2 tables, L1 and refcount structures at finish.
+ */
+export class Qcow2Writer implements DiskWriter {
+  readonly sequentialOnly = false;
+  readonly clusterSize: number;
+  private readonly cs: number;
+  private readonly tables = new Map<number, L2Build>();
+  private readonly refs = new RefCounts();
+  /** Next free host byte (unaligned after compressed data). */
+  private tail: number;
+  private backingReader?: DiskReader;
+  private finished = false;
+
+  private constructor(
+    private readonly path: string,
+    private readonly sink: ByteSink,
+    readonly virtualSize: number,
+    private readonly layout: Qcow2Layout,
+    private readonly compress: boolean,
+  ) {
+    this.cs = layout.clusterSize;
+    // Pipeline zero detection per subcluster when subclusters exist.
+    // (compressed output needs whole clusters, so then the unit is the cluster).
+    this.clusterSize = layout.extL2 && !compress ? this.cs / SUBCLUSTERS : this.cs;
+    this.refs.add(0); // header cluster
+    this.tail = this.cs;
+    if (layout.preallocate) {
+      const clusters = Math.ceil(virtualSize / this.cs);
+      for (let i = 0; i < clusters; i++) this.refs.add(1 + i);
+      this.tail = this.cs * (1 + clusters);
+    }
+  }
+
+  static async create(path: string, virtualSize: number, options: CreateOptions): Promise<Qcow2Writer> {
+    const layout = parseCreateOptions(virtualSize, options);
+    const sink = openSink(path);
+    if (sink.sequential) {
+      await sink.abort();
+      throw new UsageError('qcow2 output needs a seekable file, not a pipe', path);
+    }
+    return new Qcow2Writer(path, sink, virtualSize, layout, options.compress === true);
+  }
+
+  private get hasBacking(): boolean {
+    return this.layout.backingFile !== undefined;
+  }
+
+  private table(l1Index: number): L2Build {
+    let t = this.tables.get(l1Index);
+    if (!t) {
+      const n = this.layout.l2Entries;
+      t = { kind: new Uint8Array(n), host: new Float64Array(n), csize: new Uint32Array(n) };
+      if (this.layout.extL2) {
+        t.alloc = new Uint32Array(n);
+        t.zero = new Uint32Array(n);
+      }
+      this.tables.set(l1Index, t);
+    }
+    return t;
+  }
+
+  private async backingData(offset: number, length: number): Promise<Buffer> {
+    const out = Buffer.alloc(length);
+    if (!this.backingReader) {
+      const name = this.layout.backingFile!;
+      const full = isAbsolute(name) ? name : resolvePath(dirname(resolvePath(this.path)), name);
+      this.backingReader = await openImage(full, { format: this.layout.backingFormat, allowExternalFiles: true });
+    }
+    const b = this.backingReader;
+    const n = Math.max(0, Math.min(length, b.virtualSize - offset));
+    if (n > 0) await b.read(offset, n, out.subarray(0, n));
+    return out;
+  }
+
+  private allocCluster(): number {
+    if (this.tail % this.cs !== 0) this.tail = Math.ceil(this.tail / this.cs) * this.cs;
+    const host = this.tail;
+    this.tail += this.cs;
+    this.refs.add(host / this.cs);
+    return host;
+  }
+
+  private checkRange(offset: number, length: number): void {
+    if (this.finished) throw new VmferryError('write after finish', this.path);
+    if (!Number.isSafeInteger(offset) || offset < 0 || length < 0 || offset + length > this.virtualSize) {
+      throw new VmferryError(`write of ${length} bytes at ${offset} is outside the virtual size ${this.virtualSize}`, this.path);
+    }
+  }
+
+  async write(offset: number, data: Buffer): Promise<void> {
+    this.checkRange(offset, data.length);
+    if (data.length === 0) return;
+    if (this.layout.preallocate) {
+      await this.sink.write(data, this.cs + offset);
+      return;
+    }
+    const cs = this.cs;
+    const end = offset + data.length;
+    // Pending coalesced write: host range [runHost, runHost + runLen) from data[runData...].
+    let runHost = -1;
+    let runData = 0;
+    let runLen = 0;
+    const flush = async () => {
+      if (runLen > 0) await this.sink.write(data.subarray(runData, runData + runLen), runHost);
+      runLen = 0;
+      runHost = -1;
+    };
+    let pos = offset;
+    while (pos < end) {
+      const cluster = Math.floor(pos / cs);
+      const clusterStart = cluster * cs;
+      const pieceEnd = Math.min(end, clusterStart + cs);
+      const piece = data.subarray(pos - offset, pieceEnd - offset);
+      const t = this.table(Math.floor(cluster / this.layout.l2Entries));
+      const i = cluster % this.layout.l2Entries;
+      const kind = t.kind[i]!;
+      const clusterLen = Math.min(cs, this.virtualSize - clusterStart);
+      if (kind === KIND_COMPRESSED) {
+        throw new VmferryError(`cluster at ${clusterStart} is already compressed; rewriting it is not supported`, this.path);
+      }
+      if (this.compress && kind !== KIND_DATA && pos === clusterStart && pieceEnd - clusterStart === clusterLen) {
+        // A whole cluster (the last one may be short: padded with zeros, as qemu does).
+        const full = clusterLen === cs ? piece : Buffer.concat([piece, Buffer.alloc(cs - clusterLen)]);
+        const packed = compressCluster(full, cs, this.layout.compressionType);
+        if (packed) {
+          await flush();
+          const host = this.placeCompressed(packed.length);
+          await this.sink.write(packed, host);
+          t.kind[i] = KIND_COMPRESSED;
+          t.host[i] = host;
+          t.csize[i] = packed.length;
+          if (t.alloc) {
+            t.alloc[i] = 0;
+            t.zero![i] = 0;
+          }
+          pos = pieceEnd;
+          continue;
+        }
+      }
+      let host: number;
+      if (kind === KIND_DATA) host = t.host[i]!;
+      else {
+        host = this.allocCluster();
+        t.host[i] = host;
+        t.kind[i] = KIND_DATA;
+        if (!t.alloc) {
+          // Copy-on-write: the rest of a partly written cluster keeps the backing file's content.
+          const partial = pos !== clusterStart || pieceEnd !== clusterStart + clusterLen;
+          if (partial && kind === KIND_UNALLOCATED && this.hasBacking) {
+            await flush();
+            await this.sink.write(await this.backingData(clusterStart, clusterLen), host);
+          }
+        }
+      }
+      if (t.alloc) await this.markSubclusters(t, i, host, clusterStart, pos, pieceEnd, flush);
+      const hostPos = host + (pos - clusterStart);
+      if (runLen > 0 && runHost + runLen === hostPos) runLen += piece.length;
+      else {
+        await flush();
+        runHost = hostPos;
+        runData = pos - offset;
+        runLen = piece.length;
+      }
+      pos = pieceEnd;
+    }
+    await flush();
+  }
+
+  /** Extended L2: marks the subclusters [pos, end) touches as allocated, filling partial ones. */
+  private async markSubclusters(
+    t: L2Build,
+    i: number,
+    host: number,
+    clusterStart: number,
+    pos: number,
+    end: number,
+    flush: () => Promise<void>,
+  ): Promise<void> {
+    const sc = this.cs / SUBCLUSTERS;
+    const first = Math.floor((pos - clusterStart) / sc);
+    const last = Math.floor((end - 1 - clusterStart) / sc);
+    for (let k = first; k <= last; k++) {
+      const bit = 1 << k;
+      if (t.alloc![i]! & bit) continue;
+      const scStart = clusterStart + k * sc;
+      const scEnd = Math.min(scStart + sc, this.virtualSize);
+      const wasZero = (t.zero![i]! & bit) !== 0;
+      const partial = pos > scStart || end < scEnd;
+      if (partial && !wasZero && this.hasBacking) {
+        await flush();
+        await this.sink.write(await this.backingData(scStart, scEnd - scStart), host + k * sc);
+      }
+      t.alloc![i] = (t.alloc![i]! | bit) >>> 0;
+      t.zero![i] = (t.zero![i]! & ~bit) >>> 0;
+    }
+  }
+
+  /** Where `length` compressed bytes go: packed after the previous ones, as qemu packs them. */
+  private placeCompressed(length: number): number {
+    const cs = this.cs;
+    const limit = Math.min(2 ** (2 ** this.layout.refcountOrder) - 1, 65535);
+    let start = this.tail;
+    if (start % cs !== 0 && this.refs.get(Math.floor(start / cs)) >= limit) start = Math.ceil(start / cs) * cs;
+    // Reference counts follow the L2 entry's sector-rounded extent, which is what qemu checks.
+    const extentEnd = (Math.floor((start + length - 1) / 512) + 1) * 512;
+    const firstCluster = Math.floor(start / cs);
+    const lastCluster = Math.floor((extentEnd - 1) / cs);
+    for (let c = firstCluster; c <= lastCluster; c++) this.refs.add(c);
+    this.tail = start + length;
+    return start;
+  }
+
+  async zero(offset: number, length: number): Promise<void> {
+    this.checkRange(offset, length);
+    if (length === 0 || this.layout.preallocate) return;
+    const cs = this.cs;
+    const end = offset + length;
+    let pos = offset;
+    while (pos < end) {
+      const cluster = Math.floor(pos / cs);
+      const clusterStart = cluster * cs;
+      const pieceEnd = Math.min(end, clusterStart + cs);
+      const clusterLen = Math.min(cs, this.virtualSize - clusterStart);
+      const l1Index = Math.floor(cluster / this.layout.l2Entries);
+      const existing = this.tables.get(l1Index);
+      const i = cluster % this.layout.l2Entries;
+      const kind = existing ? existing.kind[i]! : KIND_UNALLOCATED;
+      if (kind === KIND_DATA && !existing!.alloc) {
+        // Already holds data: overwrite with real zeros.
+        await this.sink.write(Buffer.alloc(pieceEnd - pos), existing!.host[i]! + (pos - clusterStart));
+      } else if (kind === KIND_COMPRESSED) {
+        throw new VmferryError(`cluster at ${clusterStart} is already compressed; rewriting it is not supported`, this.path);
+      } else if (this.hasBacking) {
+        await this.zeroOverBacking(cluster, clusterStart, clusterLen, pos, pieceEnd);
+      } else if (existing?.alloc && kind === KIND_DATA) {
+        await this.zeroSubclusters(existing, i, clusterStart, pos, pieceEnd);
+      }
+      // No backing and nothing stored: the range already reads as zeros.
+      pos = pieceEnd;
+    }
+  }
+
+  /** With a backing file, zeros must be recorded so the backing content is hidden. */
+  private async zeroOverBacking(
+    cluster: number,
+    clusterStart: number,
+    clusterLen: number,
+    pos: number,
+    end: number,
+  ): Promise<void> {
+    const t = this.table(Math.floor(cluster / this.layout.l2Entries));
+    const i = cluster % this.layout.l2Entries;
+    const whole = pos === clusterStart && end === clusterStart + clusterLen;
+    if (this.layout.version === 3 && !t.alloc && whole && t.kind[i] !== KIND_DATA) {
+      t.kind[i] = KIND_ZERO;
+      return;
+    }
+    if (t.alloc) {
+      await this.zeroSubclusters(t, i, clusterStart, pos, end);
+      return;
+    }
+    // Version 2, or part of a cluster: real zeros.
+    await this.write(pos, Buffer.alloc(end - pos));
+  }
+
+  /** Extended L2: whole subclusters get the zero bit; partial ones are written as data. */
+  private async zeroSubclusters(t: L2Build, i: number, clusterStart: number, pos: number, end: number): Promise<void> {
+    const sc = this.cs / SUBCLUSTERS;
+    let p = pos;
+    while (p < end) {
+      const k = Math.floor((p - clusterStart) / sc);
+      const scStart = clusterStart + k * sc;
+      const scEnd = Math.min(scStart + sc, this.virtualSize);
+      const e = Math.min(end, scEnd);
+      const bit = 1 << k;
+      if (p === scStart && e === scEnd) {
+        if (t.alloc![i]! & bit) {
+          await this.sink.write(Buffer.alloc(e - p), t.host[i]! + k * sc);
+        } else if (this.hasBacking) {
+          t.zero![i] = (t.zero![i]! | bit) >>> 0;
+          if (t.kind[i] === KIND_UNALLOCATED) t.kind[i] = KIND_ZERO;
+        }
+      } else if (t.alloc![i]! & bit) {
+        await this.sink.write(Buffer.alloc(e - p), t.host[i]! + (p - clusterStart));
+      } else if (this.hasBacking) {
+        await this.write(p, Buffer.alloc(e - p));
+      }
+      p = e;
+    }
+  }
+
+  /** The on-disk bytes of one L2 table. */
+  private encodeTable(l1Index: number, t: L2Build | undefined): Buffer {
+    const { l2Entries, extL2, clusterBits } = this.layout;
+    const es = extL2 ? 16 : 8;
+    const out = Buffer.alloc(this.cs);
+    for (let i = 0; i < l2Entries; i++) {
+      const p = i * es;
+      let kind: number;
+      let host: number;
+      if (this.layout.preallocate) {
+        const cluster = l1Index * l2Entries + i;
+        if (cluster * this.cs >= this.virtualSize) break;
+        kind = KIND_DATA;
+        host = this.cs * (1 + cluster);
+      } else {
+        kind = t!.kind[i]!;
+        host = t!.host[i]!;
+      }
+      if (kind === KIND_DATA) {
+        out.writeUInt32BE((Math.floor(host / 2 ** 32) | 0x80000000) >>> 0, p);
+        out.writeUInt32BE(host % 2 ** 32, p + 4);
+      } else if (kind === KIND_COMPRESSED) {
+        out.writeBigUInt64BE(encodeCompressedEntry(host, t!.csize[i]!, clusterBits), p);
+      } else if (kind === KIND_ZERO && !extL2) {
+        out.writeUInt32BE(1, p + 4);
+      }
+      if (extL2) {
+        if (this.layout.preallocate) out.writeUInt32BE(0xffffffff, p + 12);
+        else if (kind !== KIND_COMPRESSED) {
+          out.writeUInt32BE(t!.zero![i]!, p + 8);
+          out.writeUInt32BE(t!.alloc![i]!, p + 12);
+        }
+      }
+    }
+    return out;
+  }
+
+  async finish(): Promise<void> {
+    if (this.finished) return;
+    this.finished = true;
+    try {
+      await this.writeMetadata();
+      await this.sink.commit();
+    } catch (err) {
+      await this.abort();
+      throw err;
+    } finally {
+      await this.backingReader?.close();
+      this.backingReader = undefined;
+    }
+  }
+
+  private async writeMetadata(): Promise<void> {
+    const cs = this.cs;
+    const L = this.layout;
+    this.tail = Math.ceil(this.tail / cs) * cs;
+    // L2 tables, batched into large writes.
+    const l1 = Buffer.alloc(Math.max(1, Math.ceil((L.l1Size * 8) / cs)) * cs);
+    const indices = L.preallocate ? Array.from({ length: L.l1Size }, (_, i) => i) : [...this.tables.keys()].sort((a, b) => a - b);
+    const batch: Buffer[] = [];
+    let batchStart = this.tail;
+    const flushBatch = async () => {
+      if (batch.length) await this.sink.write(batch.length === 1 ? batch[0]! : Buffer.concat(batch), batchStart);
+      batch.length = 0;
+      batchStart = this.tail;
+    };
+    for (const idx of indices) {
+      const t = this.tables.get(idx);
+      if (t && !L.preallocate && !t.kind.some((k) => k !== KIND_UNALLOCATED)) continue;
+      const host = this.allocCluster();
+      batch.push(this.encodeTable(idx, t));
+      l1.writeUInt32BE((Math.floor(host / 2 ** 32) | 0x80000000) >>> 0, idx * 8);
+      l1.writeUInt32BE(host % 2 ** 32, idx * 8 + 4);
+      if (batch.length * cs >= 8 * 1024 * 1024) await flushBatch();
+    }
+    await flushBatch();
+    // L1 table.
+    const l1Offset = this.tail;
+    for (let i = 0; i < l1.length / cs; i++) this.allocCluster();
+    await this.sink.write(l1, l1Offset);
+    // Refcount blocks and table, sized so they also count themselves.
+    const bits = 2 ** L.refcountOrder;
+    const perBlock = (cs * 8) / bits;
+    const used = this.tail / cs;
+    let blocks = 0;
+    let tableClusters = 0;
+    for (;;) {
+      const total = used + blocks + tableClusters;
+      const nb = Math.ceil(total / perBlock);
+      const nt = Math.max(1, Math.ceil((nb * 8) / cs));
+      if (nb === blocks && nt === tableClusters) break;
+      blocks = nb;
+      tableClusters = nt;
+    }
+    const blocksOffset = this.tail;
+    for (let i = 0; i < blocks + tableClusters; i++) this.allocCluster();
+    const tableOffset = blocksOffset + blocks * cs;
+    const table = Buffer.alloc(tableClusters * cs);
+    const chunkBlocks = Math.max(1, Math.floor((8 * 1024 * 1024) / cs));
+    for (let b0 = 0; b0 < blocks; b0 += chunkBlocks) {
+      const n = Math.min(chunkBlocks, blocks - b0);
+      const buf = Buffer.alloc(n * cs);
+      for (let b = 0; b < n; b++) {
+        const block = b0 + b;
+        table.writeBigUInt64BE(BigInt(blocksOffset + block * cs), block * 8);
+        encodeRefcounts(buf.subarray(b * cs, (b + 1) * cs), this.refs, block * perBlock, perBlock, bits);
+      }
+      await this.sink.write(buf, blocksOffset + b0 * cs);
+    }
+    await this.sink.write(table, tableOffset);
+    // Header last.
+    const fields: HeaderFields = {
+      version: L.version,
+      clusterBits: L.clusterBits,
+      size: this.virtualSize,
+      l1Size: L.l1Size,
+      l1TableOffset: l1Offset,
+      refcountTableOffset: tableOffset,
+      refcountTableClusters: tableClusters,
+      incompatible: (L.compressionType !== COMPRESSION_ZLIB ? INCOMPAT_COMPRESSION : 0) | (L.extL2 ? INCOMPAT_EXTL2 : 0),
+      compatible: L.lazyRefcounts ? COMPAT_LAZY_REFCOUNTS : 0,
+      autoclear: 0,
+      refcountOrder: L.refcountOrder,
+      compressionType: L.compressionType,
+      backingFile: L.backingFile,
+      backingFormat: L.backingFormat,
+    };
+    let header = encodeHeader(fields);
+    if (header.length > cs) header = encodeHeader({ ...fields, featureTable: false });
+    if (header.length > cs) {
+      throw new UsageError(`the header and backing file name do not fit in one ${cs}-byte cluster`, this.path);
+    }
+    await this.sink.write(header, 0);
+    await this.sink.setLength(this.tail);
+  }
+
+  async abort(): Promise<void> {
+    this.finished = true;
+    await this.backingReader?.close().catch(() => {});
+    this.backingReader = undefined;
+    await this.sink.abort();
+  }
+}
+
+/** Packs `count` refcounts of `bits` width, starting at host cluster `first`, into `out`. */
+function encodeRefcounts(out: Buffer, refs: RefCounts, first: number, count: number, bits: number): void {
+  const n = Math.min(count, Math.max(0, refs.length - first));
+  for (let j = 0; j < n; j++) {
+    const v = refs.get(first + j);
+    if (v === 0) continue;
+    switch (bits) {
+      case 64:
+        out.writeUInt32BE(v, j * 8 + 4);
+        break;
+      case 32:
+        out.writeUInt32BE(v, j * 4);
+        break;
+      case 16:
+        out.writeUInt16BE(v, j * 2);
+        break;
+      case 8:
+        out[j] = v;
+        break;
+      default: {
+        // Sub-byte widths: least significant bits first within each byte.
+        const bit = j * bits;
+        out[bit >> 3] = out[bit >> 3]! | ((v & ((1 << bits) - 1)) << (bit & 7));
+      }
+    }
+  }
+}
