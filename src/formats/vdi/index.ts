@@ -1,11 +1,34 @@
-import { UnsupportedFeatureError } from '../../disk/errors.js';
-import type { FormatDriver } from '../../disk/types.js';
+import { flatExtents } from '../../disk/chain.js';
+import { checkKnownOptions, parseBoolOption } from '../../disk/options.js';
+import type { FormatDriver, MeasureResult } from '../../disk/types.js';
+import { checkVdi } from './check.js';
+import { DATA_ALIGN, DEFAULT_BLOCK_SIZE, HEADER_AREA, isVdi } from './layout.js';
+import { VdiReader } from './reader.js';
+import { VDI_CREATE_OPTIONS, VdiWriter } from './writer.js';
 
-// Placeholder until the vdi driver lands: recognises nothing, opens nothing.
 export const vdiDriver: FormatDriver = {
   name: 'vdi',
-  probe: () => 0,
-  open: async (path) => {
-    throw new UnsupportedFeatureError('the vdi format is not implemented yet', path);
+  probe: (head) => (isVdi(head) ? 100 : 0),
+  open: (path, options) => VdiReader.open(path, options),
+  create: (path, size, options) => VdiWriter.create(path, size, options),
+  createOptions: VDI_CREATE_OPTIONS,
+  check: (path, options) => checkVdi(path, options),
+  async measure(source, virtualSize, options): Promise<MeasureResult> {
+    checkKnownOptions('vdi', options.options, VDI_CREATE_OPTIONS);
+    const isStatic = parseBoolOption(options.options.static, 'static', false);
+    const blocks = Math.ceil(virtualSize / DEFAULT_BLOCK_SIZE);
+    const meta = Math.ceil((HEADER_AREA + blocks * 4) / DATA_ALIGN) * DATA_ALIGN;
+    const full = meta + blocks * DEFAULT_BLOCK_SIZE;
+    if (isStatic) return { required: full, fullyAllocated: full };
+    let used = 0;
+    let lastBlock = -1;
+    for await (const e of flatExtents(source, 0, Math.min(virtualSize, source.virtualSize))) {
+      if (e.kind !== 'data') continue;
+      const first = Math.max(Math.floor(e.offset / DEFAULT_BLOCK_SIZE), lastBlock + 1);
+      const last = Math.floor((e.offset + e.length - 1) / DEFAULT_BLOCK_SIZE);
+      if (last >= first) used += last - first + 1;
+      lastBlock = Math.max(lastBlock, last);
+    }
+    return { required: meta + used * DEFAULT_BLOCK_SIZE, fullyAllocated: full };
   },
 };
