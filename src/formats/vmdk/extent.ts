@@ -318,7 +318,7 @@ export class SparseExtent {
   /** Walks every allocated grain table entry (for check): calls `visit` per table and grain. */
   async walk(
     onTable: (gtIndex: number, offset: number) => void | Promise<void>,
-    onGrain: (gtIndex: number, j: number, kind: 'data' | 'compressed', pos: number) => void,
+    onGrain: (gtIndex: number, j: number, kind: 'data' | 'compressed', pos: number) => void | Promise<void>,
   ): Promise<void> {
     for (let page = 0; page * GD_PAGE < this.gdEntries; page++) {
       const buf = await this.gdPage(page);
@@ -332,7 +332,7 @@ export class SparseExtent {
         const gt = await this.gt(gtIndex, off);
         for (let j = 0; j < this.gtEntries; j++) {
           const g = this.grain(gt, j);
-          if (g.kind === 'data' || g.kind === 'compressed') onGrain(gtIndex, j, g.kind, g.pos);
+          if (g.kind === 'data' || g.kind === 'compressed') await onGrain(gtIndex, j, g.kind, g.pos);
         }
       }
     }

@@ -98,6 +98,11 @@ export class VmdkReader extends MappedDiskReader {
     return this.descriptor.cid;
   }
 
+  /** The sparse extents with where they start in the guest (for check). */
+  sparseExtents(): { start: number; sparse: SparseExtent }[] {
+    return this.extentList.filter((e) => e.sparse).map((e) => ({ start: e.start, sparse: e.sparse! }));
+  }
+
   static async open(path: string, options: OpenOptions): Promise<VmdkReader> {
     const sources: ByteSource[] = [];
     const closeAll = async () => {
