@@ -111,7 +111,7 @@ export async function sha256ViaQemu(path: string, format?: string): Promise<stri
 export function sha256ViaLibyal(module: 'pyqcow' | 'pyvmdk' | 'pyvhdi', path: string): string {
   const script = `
 import hashlib, sys, ${module} as m
-f = m.file()
+f = m.${module === 'pyvmdk' ? 'handle' : 'file'}()
 f.open(sys.argv[1])
 ${module === 'pyvmdk' ? 'f.open_extent_data_files()\n' : ''}size = f.get_media_size()
 h = hashlib.sha256()
