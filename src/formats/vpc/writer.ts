@@ -31,6 +31,8 @@ export const VPC_CREATE_OPTIONS = ['subformat', 'force_size', 'preallocation', '
 
 const BAT_OFFSET = FOOTER_SIZE + DYN_HEADER_SIZE;
 const FULL = Buffer.alloc(0);
+/** Granularity of differencing writes: 8 sectors, one byte of the sector bitmap. */
+const GRAIN = 4096;
 
 interface Plan {
   diskType: number;
@@ -200,10 +202,11 @@ export class VpcWriter implements DiskWriter {
       const allocated = this.bat[block] !== BAT_UNUSED;
       if (this.plan.diskType === DISK_DIFFERENCING) {
         // Zeros must hide the parent: allocate and mark the sectors as present.
+        // A fresh block reads as zeros already; partial grains go through writeInBlock.
         const fresh = !allocated;
         if (fresh) await this.allocate(block);
-        if (!fresh) await this.writeZeros(pos, n, (p, b) => this.writeInBlock(block, p - block * DEFAULT_BLOCK_SIZE, b));
-        else this.markSectors(block, inBlock, n);
+        if (fresh && inBlock % GRAIN === 0 && n % GRAIN === 0) this.markSectors(block, inBlock, n);
+        else await this.writeZeros(pos, n, (p, b) => this.writeInBlock(block, p - block * DEFAULT_BLOCK_SIZE, b));
       } else if (allocated) {
         await this.writeZeros(pos, n, (p, b) => this.writeInBlock(block, p - block * DEFAULT_BLOCK_SIZE, b));
       }
@@ -235,17 +238,21 @@ export class VpcWriter implements DiskWriter {
   private async writeInBlock(block: number, inBlock: number, data: Buffer): Promise<void> {
     if (this.bat[block] === BAT_UNUSED) await this.allocate(block);
     const base = this.blockDataPos(block);
-    if (this.plan.diskType !== DISK_DIFFERENCING || (inBlock % SECTOR === 0 && data.length % SECTOR === 0)) {
+    if (this.plan.diskType !== DISK_DIFFERENCING || (inBlock % GRAIN === 0 && data.length % GRAIN === 0)) {
       await this.sink.write(data, base + inBlock);
       if (this.plan.diskType === DISK_DIFFERENCING) this.markSectors(block, inBlock, data.length);
       return;
     }
-    // A partial sector of a differencing disk: complete it from this image or the parent.
-    const start = Math.floor(inBlock / SECTOR) * SECTOR;
-    const end = Math.ceil((inBlock + data.length) / SECTOR) * SECTOR;
+    // A differencing disk is written in whole 4 KiB grains (one bitmap byte): some readers
+    // (libvhdi) mishandle a bitmap byte that is partly set. Complete the edge grains from this
+    // image or the parent.
+    const start = Math.floor(inBlock / GRAIN) * GRAIN;
+    const end = Math.ceil((inBlock + data.length) / GRAIN) * GRAIN;
     const whole = Buffer.alloc(end - start);
-    for (const s of [start, end - SECTOR]) {
-      await this.fillSector(block, s, whole.subarray(s - start, s - start + SECTOR));
+    for (let s = start; s < end; s += SECTOR) {
+      const inside = s >= inBlock && s + SECTOR <= inBlock + data.length;
+      if (!inside) await this.fillSector(block, s, whole.subarray(s - start, s - start + SECTOR));
+      if (s === start + GRAIN - SECTOR && end - start > 2 * GRAIN) s = end - GRAIN - SECTOR;
     }
     data.copy(whole, inBlock - start);
     await this.sink.write(whole, base + start);
