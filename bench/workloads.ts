@@ -43,7 +43,10 @@ function buildOnce(path: string, build: (temp: string) => void): string {
 function debianMirror(): string {
   const r = spawnSync(
     'sh',
-    ['-c', "grep -rhoE 'https?://[^ ]+/debian/?' /etc/apt/sources.list /etc/apt/sources.list.d/ 2>/dev/null | head -1"],
+    [
+      '-c',
+      "grep -rhE '^(URIs:|deb )' /etc/apt/sources.list /etc/apt/sources.list.d/ 2>/dev/null | grep -oE 'https?://[^ ]+/debian/?( |$)' | head -1",
+    ],
     {
       encoding: 'utf8',
     },

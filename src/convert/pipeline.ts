@@ -1,6 +1,7 @@
 import { flatExtents } from '../disk/chain.js';
-import type { DiskReader, DiskWriter, Extent } from '../disk/types.js';
+import type { CompressedUnit, DiskReader, DiskWriter, Extent } from '../disk/types.js';
 import { isZero } from '../disk/zero.js';
+import { CompressPool } from './compress-pool.js';
 
 export interface CopyProgress {
   /** Guest bytes dealt with so far (zero ranges count as soon as they are recorded). */
@@ -19,6 +20,10 @@ export interface CopyOptions {
   baseline?: DiskReader;
   /** Walk only the source's own layer (its backing is the baseline): unallocated stays unallocated. */
   topLayerOnly?: boolean;
+  /** Worker threads for compressing writers (one per core when not given). */
+  pool?: CompressPool;
+  /** How many chunks may be read (and compressed) ahead of the writer. */
+  readAhead?: number;
 }
 
 export interface CopyStats {
@@ -31,58 +36,147 @@ const DEFAULT_CHUNK = 4 * 1024 * 1024;
 
 type UnitKind = 'data' | 'zero' | 'same';
 
+/** What the writer is told to do for one piece of the disk, in order. */
+type WriteOp =
+  | { kind: 'write'; offset: number; data: Buffer }
+  | { kind: 'compressed'; units: CompressedUnit[] }
+  | { kind: 'zero'; offset: number; length: number };
+
+interface Processed {
+  ops: WriteOp[];
+  /** Guest bytes this piece covers, for progress. */
+  covered: number;
+}
+
+type Piece =
+  | { kind: 'data'; offset: number; length: number }
+  | { kind: 'zero'; offset: number; length: number }
+  | { kind: 'skip'; length: number };
+
 /**
- * Copies guest content from a reader to a writer: zero ranges become zero() calls, data ranges
- * are read in cluster-aligned chunks and every all-zero cluster inside them is recorded as zero,
- * never written as data.
+ * Copies guest content from a reader to a writer. Data is read in cluster-aligned chunks, several
+ * ahead of the writer; all-zero clusters become zero() calls, never data; for compressing writers
+ * the clusters are compressed on worker threads while later chunks are read, and handed to the
+ * writer in ascending order. Memory stays at about (readAhead + 1) chunks whatever the disk size.
  */
 export async function copyDisk(reader: DiskReader, writer: DiskWriter, options: CopyOptions = {}): Promise<CopyStats> {
   const unit = Math.max(512, writer.clusterSize);
   const chunk = Math.max(unit, Math.floor((options.chunkSize ?? DEFAULT_CHUNK) / unit) * unit);
-  const total = reader.virtualSize;
-  const stats: CopyStats = { virtualSize: total, dataBytes: 0, zeroBytes: 0 };
+  const compressing = writer.compression !== undefined && writer.writeCompressed !== undefined;
+  const pool = compressing ? (options.pool ?? new CompressPool()) : null;
+  const depth = options.readAhead ?? (pool ? pool.size * 2 + 2 : 4);
+  const stats: CopyStats = { virtualSize: reader.virtualSize, dataBytes: 0, zeroBytes: 0 };
   const baseline = options.baseline;
   let done = 0;
-  const report = () => options.onProgress?.({ done, total });
-  const buf = Buffer.allocUnsafe(chunk);
-  const baseBuf = baseline ? Buffer.allocUnsafe(chunk) : null;
 
-  const extents: AsyncIterable<Extent> = options.topLayerOnly ? reader.extents() : flatExtents(reader);
-  for await (const ext of extents) {
-    const end = ext.offset + ext.length;
-    if (ext.kind === 'unallocated') {
-      // Only reached with topLayerOnly: the target's backing supplies these bytes.
-      done += ext.length;
-      report();
-      continue;
+  const processPiece = async (piece: Piece): Promise<Processed> => {
+    if (piece.kind === 'skip') return { ops: [], covered: piece.length };
+    if (piece.kind === 'zero') {
+      const ops: WriteOp[] = baseline
+        ? await zerosOverBaseline(baseline, piece.offset, piece.offset + piece.length)
+        : [{ kind: 'zero', offset: piece.offset, length: piece.length }];
+      return { ops, covered: piece.length };
     }
-    if (ext.kind === 'zero') {
-      if (baseline) await zeroOverBaseline(baseline, writer, ext.offset, end);
-      else await writer.zero(ext.offset, ext.length);
-      stats.zeroBytes += ext.length;
-      done += ext.length;
-      report();
-      continue;
+    const data = await reader.read(piece.offset, piece.length, Buffer.allocUnsafeSlow(piece.length));
+    const base = baseline ? await readBaseline(baseline, piece.offset, piece.length) : null;
+    const runs = classify(piece.offset, data, base, unit);
+    if (!pool || !runs.some((r) => r.kind === 'data')) return { ops: runsToOps(piece.offset, data, runs), covered: piece.length };
+    // Each data cluster is compressed on its own: that is what the formats store.
+    const ranges: [number, number][] = [];
+    for (const r of runs) {
+      if (r.kind !== 'data') continue;
+      for (let s = r.start; s < r.end; s = nextBoundary(piece.offset, s, unit, r.end))
+        ranges.push([s, nextBoundary(piece.offset, s, unit, r.end)]);
     }
-    let pos = ext.offset;
-    while (pos < end) {
-      // Chunk ends fall on the writer's cluster boundaries so zero detection sees whole clusters.
-      const alignedEnd = Math.min(end, (Math.floor(pos / unit) + Math.floor(chunk / unit)) * unit);
-      const len = alignedEnd > pos ? alignedEnd - pos : Math.min(end - pos, unit - (pos % unit));
-      const data = await reader.read(pos, len, buf.subarray(0, len));
-      const base = baseline && baseBuf ? await readBaseline(baseline, pos, len, baseBuf) : null;
-      await writeUnits(writer, pos, data, base, unit, stats);
-      pos += len;
-      done += len;
-      report();
+    const { chunk: back, outputs } = await pool.compress(writer.compression!, data, ranges);
+    const ops: WriteOp[] = [];
+    let k = 0;
+    for (const r of runs) {
+      if (r.kind === 'zero') ops.push({ kind: 'zero', offset: piece.offset + r.start, length: r.end - r.start });
+      if (r.kind !== 'data') continue;
+      const units: CompressedUnit[] = [];
+      for (; k < ranges.length && ranges[k]![0] < r.end; k++) {
+        const [s, e] = ranges[k]!;
+        units.push({ offset: piece.offset + s, raw: back.subarray(s, e), packed: outputs[k]! });
+      }
+      ops.push({ kind: 'compressed', units });
     }
+    return { ops, covered: piece.length };
+  };
+
+  const window: Promise<Processed>[] = [];
+  const pieces = splitPieces(options.topLayerOnly ? reader.extents() : flatExtents(reader), chunk, unit)[Symbol.asyncIterator]();
+  let exhausted = false;
+  const refill = async () => {
+    while (!exhausted && window.length < depth) {
+      const next = await pieces.next();
+      if (next.done) {
+        exhausted = true;
+        break;
+      }
+      const p = processPiece(next.value);
+      // Failures surface when this piece's turn comes; until then keep them from being "unhandled".
+      p.catch(() => {});
+      window.push(p);
+    }
+  };
+  try {
+    await refill();
+    while (window.length > 0) {
+      const result = await window.shift()!;
+      await refill();
+      for (const op of result.ops) {
+        if (op.kind === 'write') {
+          await writer.write(op.offset, op.data);
+          stats.dataBytes += op.data.length;
+        } else if (op.kind === 'compressed') {
+          await writer.writeCompressed!(op.units);
+          for (const u of op.units) stats.dataBytes += u.raw.length;
+        } else {
+          await writer.zero(op.offset, op.length);
+          stats.zeroBytes += op.length;
+        }
+      }
+      done += result.covered;
+      options.onProgress?.({ done, total: reader.virtualSize });
+    }
+  } finally {
+    if (pool && !options.pool) await pool.close();
   }
   return stats;
 }
 
+/** Extents cut into chunk-sized pieces whose ends fall on the writer's cluster boundaries. */
+async function* splitPieces(extents: AsyncIterable<Extent>, chunk: number, unit: number): AsyncGenerator<Piece> {
+  for await (const ext of extents) {
+    if (ext.kind === 'unallocated') {
+      // Only with topLayerOnly: the target's backing supplies these bytes.
+      yield { kind: 'skip', length: ext.length };
+      continue;
+    }
+    if (ext.kind === 'zero') {
+      yield { kind: 'zero', offset: ext.offset, length: ext.length };
+      continue;
+    }
+    const end = ext.offset + ext.length;
+    let pos = ext.offset;
+    while (pos < end) {
+      const alignedEnd = Math.min(end, (Math.floor(pos / unit) + Math.floor(chunk / unit)) * unit);
+      const len = alignedEnd > pos ? alignedEnd - pos : Math.min(end - pos, unit - (pos % unit));
+      yield { kind: 'data', offset: pos, length: len };
+      pos += len;
+    }
+  }
+}
+
+/** Index in the chunk of the next cluster boundary after `i` (guest offsets), capped at `end`. */
+function nextBoundary(base: number, i: number, unit: number, end: number): number {
+  return Math.min(end, (Math.floor((base + i) / unit) + 1) * unit - base);
+}
+
 /** The baseline's bytes at [pos, pos + len), zeros past its end. */
-async function readBaseline(baseline: DiskReader, pos: number, len: number, buf: Buffer): Promise<Buffer> {
-  const out = buf.subarray(0, len);
+async function readBaseline(baseline: DiskReader, pos: number, len: number): Promise<Buffer> {
+  const out = Buffer.allocUnsafe(len);
   const inside = Math.max(0, Math.min(len, baseline.virtualSize - pos));
   if (inside > 0) await baseline.read(pos, inside, out.subarray(0, inside));
   out.fill(0, inside);
@@ -90,48 +184,45 @@ async function readBaseline(baseline: DiskReader, pos: number, len: number, buf:
 }
 
 /** A zero range over a backing image: explicit zeros only where the backing has data. */
-async function zeroOverBaseline(baseline: DiskReader, writer: DiskWriter, from: number, to: number): Promise<void> {
+async function zerosOverBaseline(baseline: DiskReader, from: number, to: number): Promise<WriteOp[]> {
+  const ops: WriteOp[] = [];
   const limit = Math.min(to, baseline.virtualSize);
-  if (limit <= from) return;
+  if (limit <= from) return ops;
   for await (const be of flatExtents(baseline, from, limit)) {
-    if (be.kind === 'data') await writer.zero(be.offset, be.length);
+    if (be.kind === 'data') ops.push({ kind: 'zero', offset: be.offset, length: be.length });
   }
+  return ops;
+}
+
+interface Run {
+  kind: UnitKind;
+  start: number;
+  end: number;
 }
 
 /** Splits `data` (at guest offset `pos`) into runs of data / zero / same-as-baseline clusters. */
-async function writeUnits(
-  writer: DiskWriter,
-  pos: number,
-  data: Buffer,
-  base: Buffer | null,
-  unit: number,
-  stats: CopyStats,
-): Promise<void> {
-  let runKind: UnitKind | null = null;
-  let runStart = 0;
-  const flush = async (until: number) => {
-    if (runKind === 'data') {
-      await writer.write(pos + runStart, data.subarray(runStart, until));
-      stats.dataBytes += until - runStart;
-    } else if (runKind === 'zero') {
-      await writer.zero(pos + runStart, until - runStart);
-      stats.zeroBytes += until - runStart;
-    }
-  };
+function classify(pos: number, data: Buffer, base: Buffer | null, unit: number): Run[] {
+  const runs: Run[] = [];
   let i = 0;
   while (i < data.length) {
-    // Cluster boundaries are guest offsets, so the first piece may be short.
-    const next = Math.min(data.length, (Math.floor((pos + i) / unit) + 1) * unit - pos);
+    const next = nextBoundary(pos, i, unit, data.length);
     let kind: UnitKind;
     if (base && data.compare(base, i, next, i, next) === 0) kind = 'same';
     else if (isZero(data, i, next)) kind = 'zero';
     else kind = 'data';
-    if (kind !== runKind) {
-      await flush(i);
-      runKind = kind;
-      runStart = i;
-    }
+    const last = runs[runs.length - 1];
+    if (last && last.kind === kind) last.end = next;
+    else runs.push({ kind, start: i, end: next });
     i = next;
   }
-  await flush(data.length);
+  return runs;
+}
+
+function runsToOps(pos: number, data: Buffer, runs: Run[]): WriteOp[] {
+  const ops: WriteOp[] = [];
+  for (const r of runs) {
+    if (r.kind === 'data') ops.push({ kind: 'write', offset: pos + r.start, data: data.subarray(r.start, r.end) });
+    else if (r.kind === 'zero') ops.push({ kind: 'zero', offset: pos + r.start, length: r.end - r.start });
+  }
+  return ops;
 }

@@ -55,6 +55,25 @@ export interface DiskReader {
   close(): Promise<void>;
 }
 
+/** A compression codec the copy pipeline can run on worker threads for a writer. */
+export interface CodecSpec {
+  /** deflate-raw: qcow2's zlib clusters; zlib: VMDK grains; zstd: qcow2's zstd clusters. */
+  codec: 'deflate-raw' | 'zlib' | 'zstd';
+  level?: number;
+  windowBits?: number;
+  memLevel?: number;
+}
+
+/** One unit the pipeline compressed for a writer. */
+export interface CompressedUnit {
+  /** Guest offset of the unit (a multiple of the writer's clusterSize). */
+  offset: number;
+  /** The unit's bytes as read (for writers that store a unit raw when it does not shrink). */
+  raw: Buffer;
+  /** `raw` compressed with the writer's codec. */
+  packed: Buffer;
+}
+
 export interface DiskWriter {
   /** Only ascending writes are possible (streamOptimized VMDK, pipes). */
   readonly sequentialOnly: boolean;
@@ -63,6 +82,13 @@ export interface DiskWriter {
   readonly virtualSize: number;
   /** `data` belongs to the caller again once the promise resolves: copy what you keep. */
   write(offset: number, data: Buffer): Promise<void>;
+  /**
+   * Set by writers that compress: the pipeline then compresses every non-zero unit of
+   * `clusterSize` bytes on worker threads and calls writeCompressed, in ascending order, instead of write.
+   */
+  readonly compression?: CodecSpec;
+  /** Units compressed with `compression`; buffers belong to the writer. */
+  writeCompressed?(units: CompressedUnit[]): Promise<void>;
   /** The range reads as zero (on a new image without backing this is usually free). */
   zero(offset: number, length: number): Promise<void>;
   /** Metadata, footers, fsync, then rename into place. */
