@@ -179,6 +179,8 @@ export class Qcow2Writer implements DiskWriter {
   private tail: number;
   private backingReader?: DiskReader;
   private finished = false;
+  /** Compressed output without a backing file: a cluster being gathered from partial writes. */
+  private pending: { cluster: number; buf: Buffer } | null = null;
 
   private constructor(
     private readonly path: string,
@@ -287,6 +289,22 @@ export class Qcow2Writer implements DiskWriter {
       if (kind === KIND_COMPRESSED) {
         throw new VmferryError(`cluster at ${clusterStart} is already compressed; rewriting it is not supported`, this.path);
       }
+      if (this.compress && !this.hasBacking && kind === KIND_UNALLOCATED) {
+        // Gather the cluster (the pipeline may hand it over in pieces around zero ranges); the
+        // bytes never written read as zeros, as they would on a new image without backing.
+        if (this.pending && this.pending.cluster !== cluster) {
+          await flush();
+          await this.flushPending();
+        }
+        if (!this.pending) this.pending = { cluster, buf: Buffer.alloc(cs) };
+        piece.copy(this.pending.buf, pos - clusterStart);
+        if (pieceEnd === clusterStart + clusterLen) {
+          await flush();
+          await this.flushPending();
+        }
+        pos = pieceEnd;
+        continue;
+      }
       if (this.compress && kind !== KIND_DATA && pos === clusterStart && pieceEnd - clusterStart === clusterLen) {
         // A whole cluster (the last one may be short: padded with zeros, as qemu does).
         const full = clusterLen === cs ? piece : Buffer.concat([piece, Buffer.alloc(cs - clusterLen)]);
@@ -333,6 +351,31 @@ export class Qcow2Writer implements DiskWriter {
       pos = pieceEnd;
     }
     await flush();
+  }
+
+  /** Stores the gathered cluster: compressed when that shrinks it, else as a plain cluster. */
+  private async flushPending(): Promise<void> {
+    const p = this.pending;
+    if (!p) return;
+    this.pending = null;
+    const cs = this.cs;
+    const t = this.table(Math.floor(p.cluster / this.layout.l2Entries));
+    const i = p.cluster % this.layout.l2Entries;
+    const packed = compressCluster(p.buf, cs, this.layout.compressionType);
+    if (packed) {
+      const host = this.placeCompressed(packed.length);
+      await this.sink.write(packed, host);
+      t.kind[i] = KIND_COMPRESSED;
+      t.host[i] = host;
+      t.csize[i] = packed.length;
+      return;
+    }
+    const host = this.allocCluster();
+    const clusterLen = Math.min(cs, this.virtualSize - p.cluster * cs);
+    await this.sink.write(p.buf.subarray(0, clusterLen), host);
+    t.kind[i] = KIND_DATA;
+    t.host[i] = host;
+    if (t.alloc) t.alloc[i] = 0xffffffff;
   }
 
   /** Extended L2: marks the subclusters [pos, end) touches as allocated, filling partial ones. */
@@ -511,11 +554,12 @@ export class Qcow2Writer implements DiskWriter {
   }
 
   private async writeMetadata(): Promise<void> {
+    await this.flushPending();
     const cs = this.cs;
     const L = this.layout;
     this.tail = Math.ceil(this.tail / cs) * cs;
     // L2 tables, batched into large writes.
-    const l1 = Buffer.alloc(Math.max(1, Math.ceil((L.l1Size * 8) / cs)) * cs);
+    const l1 = Buffer.alloc(Math.ceil((L.l1Size * 8) / cs) * cs);
     const indices = L.preallocate ? Array.from({ length: L.l1Size }, (_, i) => i) : [...this.tables.keys()].sort((a, b) => a - b);
     const batch: Buffer[] = [];
     let batchStart = this.tail;
@@ -535,9 +579,9 @@ export class Qcow2Writer implements DiskWriter {
     }
     await flushBatch();
     // L1 table.
-    const l1Offset = this.tail;
+    const l1Offset = l1.length > 0 ? this.tail : 0;
     for (let i = 0; i < l1.length / cs; i++) this.allocCluster();
-    await this.sink.write(l1, l1Offset);
+    if (l1.length > 0) await this.sink.write(l1, l1Offset);
     // Refcount blocks and table, sized so they also count themselves.
     const bits = 2 ** L.refcountOrder;
     const perBlock = (cs * 8) / bits;
