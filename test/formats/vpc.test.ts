@@ -1,11 +1,12 @@
 /** VHD (vpc): Hyper-V corpus images, round trips against qemu-img, vhdiinfo and pyvhdi, bad input. */
 import assert from 'node:assert/strict';
-import { closeSync, openSync, readFileSync, statSync, writeFileSync, writeSync } from 'node:fs';
+import { closeSync, openSync, readFileSync, readSync, statSync, writeFileSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import { copyDisk } from '../../src/convert/pipeline.js';
 import { collectExtents } from '../../src/disk/chain.js';
 import { CorruptImageError, UnsafeReferenceError, UnsupportedFeatureError, UsageError } from '../../src/disk/errors.js';
+import { nativeHelper } from '../../src/disk/native.js';
 import { openImage, probeFile } from '../../src/disk/registry.js';
 import { rawDriver } from '../../src/formats/raw/index.js';
 import { azureSize, vpcDriver } from '../../src/formats/vpc/index.js';
@@ -129,6 +130,26 @@ test('vmferry fixed VHD of a 3 GiB sparse disk stays sparse and matches in qemu-
   const cmp = run('qemu-img', ['compare', '-f', 'raw', '-F', 'vpc', src, out]);
   assert.equal(cmp.code, 0, cmp.stdout + cmp.stderr);
   assert.equal(qemuVirtualSize(out, 'vpc'), w.virtualSize);
+  // Reading it back, the holes of the sparse file are zero extents: a copy reads only the data.
+  const r = await openImage(out);
+  try {
+    const data = (await collectExtents(r.extents())).filter((e) => e.kind === 'data');
+    const dataBytes = data.reduce((n, e) => n + e.length, 0);
+    if (nativeHelper()) assert.ok(dataBytes < 32 * MiB, `data extents cover ${dataBytes} bytes`);
+    // The data where sparseRawImage put it (start, middle, end), read through those extents.
+    const fd = openSync(src, 'r');
+    try {
+      for (const off of [0, 1536 * MiB, 1539 * MiB, 3 * 1024 * MiB - MiB]) {
+        const want = Buffer.alloc(MiB);
+        readSync(fd, want, 0, MiB, off);
+        assert.ok((await r.read(off, MiB)).equals(want), `content at ${off}`);
+      }
+    } finally {
+      closeSync(fd);
+    }
+  } finally {
+    await r.close();
+  }
 });
 
 test('Azure: -o subformat=fixed,force_size=on on azureSize() gives k MiB + 512 bytes; qemu-img reads it back', async () => {

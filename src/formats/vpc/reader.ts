@@ -1,6 +1,7 @@
 import { basename } from 'node:path';
 import { CorruptImageError, MissingFileError, UnsafeReferenceError, VmferryError } from '../../disk/errors.js';
 import { MappedDiskReader, type Segment } from '../../disk/mapped.js';
+import { nativeHelper } from '../../disk/native.js';
 import { resolveReference } from '../../disk/refs.js';
 import { FileSource, readExact } from '../../disk/source.js';
 import { DEFAULT_MAX_METADATA_MEMORY, type DiskReader, type FormatDetails, type OpenOptions } from '../../disk/types.js';
@@ -247,7 +248,7 @@ export class VpcReader extends MappedDiskReader {
   }
 
   protected async segment(offset: number, maxLength: number): Promise<Segment> {
-    if (!this.bat) return { kind: 'data', length: maxLength, source: this.source, position: offset };
+    if (!this.bat) return this.fixedSegment(offset, maxLength);
     const bs = this.blockSize;
     const block = Math.floor(offset / bs);
     const inBlock = offset - block * bs;
@@ -280,6 +281,20 @@ export class VpcReader extends MappedDiskReader {
     while (s < lastSector && bit(s) === state) s++;
     const length = Math.min(inThisBlock, s * SECTOR - inBlock);
     return state ? { kind: 'data', length, source: this.source, position: dataStart + inBlock } : { kind: 'unallocated', length };
+  }
+
+  /** A fixed disk is raw data: holes in a sparse file (SEEK_HOLE) are reported as zeros. */
+  private fixedSegment(offset: number, maxLength: number): Segment {
+    const data: Segment = { kind: 'data', length: maxLength, source: this.source, position: offset };
+    const native = nativeHelper();
+    const st = this.source.stats;
+    if (!native || !st.isFile() || st.blocks * 512 >= st.size) return data;
+    const end = offset + maxLength;
+    const next = native.seek(this.source.fd, offset, 0);
+    if (next < 0 || next >= end) return { kind: 'zero', length: maxLength };
+    if (next > offset) return { kind: 'zero', length: next - offset };
+    const hole = native.seek(this.source.fd, offset, 1);
+    return { ...data, length: hole < 0 || hole > end ? maxLength : Math.max(1, hole - offset) };
   }
 
   private async bitmap(block: number, blockStart: number): Promise<Buffer> {
