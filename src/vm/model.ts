@@ -37,6 +37,25 @@ export interface VmDisk {
   bootOrder?: number;
   /** Read-only/independent flags as the source stated them, for the report. */
   notes?: string[];
+  /**
+   * Set when the image's bytes are not a plain file of their own: a member of an OVA (read in
+   * place) or a gzip-compressed OVF file. `path` then names no real file (for an OVA member it is
+   * `ARCHIVE/MEMBER`); open such a disk with openVmDisk (src/package/member.ts).
+   */
+  stored?: StoredImage;
+}
+
+/** Where a disk image's bytes lie inside another file (see VmDisk.stored). */
+export interface StoredImage {
+  /** The file holding the bytes: the OVA archive, or the compressed file itself. */
+  file: string;
+  /** The member's name inside the archive, when `file` is an archive. */
+  member?: string;
+  /** Where the stored bytes start in `file`, and how many there are. */
+  offset: number;
+  size: number;
+  /** The stored bytes are gzip-compressed (OVF References compression="gzip"). */
+  compression?: 'gzip';
 }
 
 export interface VmCdrom {
