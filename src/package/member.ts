@@ -10,6 +10,7 @@
  * whose driver only opens paths, is copied (gunzipped) into a private temp folder and opened
  * there; the folder is removed when the reader closes.
  */
+import '../formats/index.js';
 import { createReadStream, createWriteStream, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';

@@ -4,6 +4,7 @@
  * `busN:U.*`; NICs are `ethernetN.*`. The disk a device names is the top of its chain (the current
  * snapshot's delta when there are snapshots); the .vmsd beside the .vmx lists the snapshot tree.
  */
+import '../../formats/index.js';
 import { readFileSync, statSync } from 'node:fs';
 import { basename, dirname, extname, isAbsolute, join, resolve } from 'node:path';
 import { CorruptImageError, ioError, MissingFileError, UnsupportedFeatureError, VmferryError } from '../../disk/errors.js';
