@@ -74,9 +74,10 @@ export interface QemuCheck {
   'compressed-clusters'?: number;
 }
 
-export function qemuCheck(path: string): QemuCheck {
+export function qemuCheck(path: string, cwd?: string): QemuCheck {
   // qemu-img check exits 2 (corruptions) or 3 (leaks) and still prints the JSON.
-  const r = run('qemu-img', ['check', '--output=json', path]);
+  // (qemu resolves an external data file name against the working directory, hence `cwd`.)
+  const r = run('qemu-img', ['check', '--output=json', path], { cwd });
   if (![0, 2, 3].includes(r.code)) throw new Error(`qemu-img check ${path} exited ${r.code}: ${r.stderr}`);
   return JSON.parse(r.stdout) as QemuCheck;
 }

@@ -1,5 +1,7 @@
 import type { FormatDriver } from '../../disk/types.js';
+import { checkQcow2 } from './check.js';
 import { QCOW2_MAGIC } from './layout.js';
+import { measureQcow2 } from './measure.js';
 import { Qcow2Reader } from './reader.js';
 import { QCOW2_CREATE_OPTIONS, Qcow2Writer } from './writer.js';
 
@@ -9,4 +11,6 @@ export const qcow2Driver: FormatDriver = {
   open: (path, options) => Qcow2Reader.open(path, options),
   create: (path, size, options) => Qcow2Writer.create(path, size, options),
   createOptions: QCOW2_CREATE_OPTIONS,
+  check: (path, options) => checkQcow2(path, options),
+  measure: (source, size, options) => measureQcow2(source, size, options),
 };

@@ -49,7 +49,7 @@ export interface Qcow2Layout {
 }
 
 /** Parses and checks create options the way qemu-img does. */
-export function parseCreateOptions(virtualSize: number, options: CreateOptions): Qcow2Layout {
+export function parseCreateOptions(virtualSize: number, options: CreateOptions, forMeasure = false): Qcow2Layout {
   const o = options.options;
   checkKnownOptions('qcow2', o, QCOW2_CREATE_OPTIONS);
   const compat = o.compat ?? '1.1';
@@ -100,7 +100,7 @@ export function parseCreateOptions(virtualSize: number, options: CreateOptions):
   if (!Number.isSafeInteger(virtualSize) || virtualSize < 0) throw new UsageError(`Invalid image size ${virtualSize}`);
   const l2Entries = clusterSize / (extL2 ? 16 : 8);
   const l1Size = Math.ceil(virtualSize / (clusterSize * l2Entries));
-  if (l1Size * 8 > MAX_L1_BYTES) {
+  if (l1Size * 8 > MAX_L1_BYTES && !forMeasure) {
     throw new UsageError(`Image size ${virtualSize} is too large for a cluster size of ${clusterSize} (L1 table above 32 MiB)`);
   }
   return {
