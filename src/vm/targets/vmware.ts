@@ -45,11 +45,11 @@ export function vmwareGuestId(g: GuestHints): string {
   }
   if (family === 'linux') {
     if (/ubuntu/.test(t)) return b('ubuntu');
-    const debian = /debian\D{0,3}(\d+)/.exec(t);
+    const debian = /debian\D{0,20}?(\d+)/.exec(t);
     if (/debian/.test(t)) return `debian${debian && Number(debian[1]) >= 10 && Number(debian[1]) <= 12 ? debian[1] : '10'}-64`;
     const rhel = /(?:rhel|red ?hat(?: enterprise linux)?)\D{0,3}(\d+)/.exec(t);
     if (rhel && Number(rhel[1]) >= 7 && Number(rhel[1]) <= 9) return `rhel${rhel[1]}-64`;
-    const centos = /centos\D{0,3}(\d+)/.exec(t);
+    const centos = /centos\D{0,10}?(\d+)/.exec(t);
     if (centos && Number(centos[1]) >= 7 && Number(centos[1]) <= 8) return `centos${centos[1]}-64`;
     return is64 ? 'other4xlinux-64' : 'otherlinux';
   }
