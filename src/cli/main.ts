@@ -7,8 +7,10 @@ import { compareCommand, usage as compareUsage } from './compare.js';
 import { convertCommand, usage as convertUsage } from './convert.js';
 import { createCommand, usage as createUsage } from './create.js';
 import { infoCommand, usage as infoUsage } from './info.js';
+import { inspectCommand, usage as inspectUsage } from './inspect.js';
 import { mapCommand, usage as mapUsage } from './map.js';
 import { measureCommand, usage as measureUsage } from './measure.js';
+import { migrateCommand, usage as migrateUsage } from './migrate.js';
 
 type Command = (args: string[]) => Promise<number>;
 
@@ -29,6 +31,16 @@ const commands: Record<string, { run: Command; usage: string; summary: string; e
   map: { run: mapCommand, usage: mapUsage, summary: 'print the extent map of an image' },
   measure: { run: measureCommand, usage: measureUsage, summary: 'compute the size a conversion would need' },
   create: { run: createCommand, usage: createUsage, summary: 'create a new empty image' },
+  inspect: {
+    run: inspectCommand,
+    usage: inspectUsage,
+    summary: 'show a VM (any descriptor or disk): model, disks, partition tables',
+  },
+  migrate: {
+    run: migrateCommand,
+    usage: migrateUsage,
+    summary: 'move a VM to another platform: disks, descriptor, verification, report',
+  },
 };
 
 function help(): string {

@@ -331,7 +331,7 @@ export async function readPartitionTable(reader: DiskReader): Promise<PartitionT
       }
       seen.add(ebrLba);
       const ebr = await readAt(reader, ebrLba * 512, 512);
-      if (!ebr || ebr.readUInt16LE(510) !== 0xaa55) {
+      if (ebr?.readUInt16LE(510) !== 0xaa55) {
         warnings.push(`the EBR at LBA ${ebrLba} is unreadable or has no signature`);
         break;
       }
