@@ -6,6 +6,7 @@
 import { UnsupportedFeatureError } from '../../disk/errors.js';
 import { FileSource } from '../../disk/source.js';
 import type { CheckResult, OpenOptions } from '../../disk/types.js';
+import { isZero } from '../../disk/zero.js';
 import {
   compressedLocation,
   entryOffset,
@@ -197,12 +198,15 @@ async function runCheck(source: FileSource, _options: OpenOptions): Promise<Chec
       }
     }
   };
-  const coveredClusters = Math.max(fileClusters, blockOffsets.length * perBlock);
-  for (let b = 0; b * perBlock < coveredClusters; b++) {
+  // Clusters inside the file are compared one by one; past the end of the file only stored
+  // non-zero refcounts matter (each is a leak), so all-zero blocks there are skipped whole.
+  for (let b = 0; b < Math.max(blockOffsets.length, Math.ceil(fileClusters / perBlock)); b++) {
     const off = blockOffsets[b] ?? 0;
-    const block = off !== 0 ? await source.read(off, cs) : null;
     const first = b * perBlock;
-    const n = Math.min(perBlock, coveredClusters - first);
+    if (off === 0 && first >= fileClusters) continue;
+    const block = off !== 0 ? await source.read(off, cs) : null;
+    const inside = Math.max(0, Math.min(perBlock, fileClusters - first));
+    const n = block && !isZero(block, Math.floor((inside * bits) / 8)) ? perBlock : inside;
     for (let k = 0; k < n; k++) {
       const c = first + k;
       const want = c < fileClusters ? counts.get(c) : 0;
