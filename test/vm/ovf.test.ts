@@ -148,7 +148,7 @@ describe('ova reader: in place', () => {
       try {
         assert.deepEqual(readdirSync(scratch), [], 'nothing extracted');
         assert.equal(reader.virtualSize, 64 * MiB);
-        assert.equal((reader.details.formatSpecific?.data as Record<string, unknown>)['in-place'], true);
+        assert.equal(reader.details.formatSpecific!.data['in-place'], true);
         assert.equal(await sha256OfReader(reader), await sha256ViaQemu(raw, 'raw'));
         const kinds = new Set<string>();
         for await (const e of reader.extents()) kinds.add(e.kind);
