@@ -18,6 +18,14 @@ have sfdisk || missing+=(fdisk)
 have mke2fs || missing+=(e2fsprogs)
 have make || missing+=(make)
 have g++ || missing+=(g++)
+have qemu-system-x86_64 || missing+=(qemu-system-x86)
+[ -f /usr/share/OVMF/OVMF_CODE_4M.fd ] || missing+=(ovmf)
+have syslinux || missing+=(syslinux)
+[ -f /usr/lib/syslinux/mbr/mbr.bin ] || missing+=(syslinux-common)
+have mcopy || missing+=(mtools)
+have mkfs.fat || missing+=(dosfstools)
+[ -f /usr/lib/grub/x86_64-efi/linux.mod ] || missing+=(grub-efi-amd64-bin)
+have grub-mkstandalone || missing+=(grub-common)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "test.sh: installing test oracles: ${missing[*]}"
   sudo=""
