@@ -280,6 +280,7 @@ export async function readVbox(path: string, options: ReadVmOptions = {}): Promi
     return `${bus}${n}`;
   };
   let firstDiskBoot = diskBootPos >= 0;
+  let ideControllers = 0;
   for (const sc of children(controllersNode, 'StorageController')) {
     const type = attr(sc, 'type') ?? '';
     const scName = attr(sc, 'name') ?? type;
@@ -298,11 +299,13 @@ export async function readVbox(path: string, options: ReadVmOptions = {}): Promi
     }
     // IDE: one vmferry controller per channel (port), the unit being master/slave (device).
     const ids = new Map<number, string>();
+    // IDE channels are numbered across controllers: the first controller's ports are ide0/ide1.
+    const ideBase = kind.bus === 'ide' ? ideControllers++ * 2 : 0;
     const controllerId = (port: number): string => {
       const key = kind.bus === 'ide' ? port : 0;
       let id = ids.get(key);
       if (!id) {
-        id = newId(kind.bus);
+        id = kind.bus === 'ide' ? `ide${ideBase + port}` : newId(kind.bus);
         ids.set(key, id);
         const ctl: DiskController = { id, bus: kind.bus };
         if (kind.model) ctl.model = kind.model;
