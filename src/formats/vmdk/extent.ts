@@ -6,6 +6,7 @@ import { inflateSync } from 'node:zlib';
 import { CorruptImageError } from '../../disk/errors.js';
 import type { Segment } from '../../disk/mapped.js';
 import { type ByteSource, FileSource, readExact } from '../../disk/source.js';
+import { isZero } from '../../disk/zero.js';
 import {
   COWD_GTES_PER_GT,
   type CowdHeader,
@@ -83,14 +84,20 @@ export class MetaCache {
   private readonly map = new Map<string, Buffer>();
   private bytes = 0;
   constructor(private readonly budget: number) {}
-  async get(key: string, load: () => Promise<Buffer>): Promise<Buffer> {
+  peek(key: string): Buffer | undefined {
     const hit = this.map.get(key);
     if (hit) {
       this.map.delete(key);
       this.map.set(key, hit);
-      return hit;
     }
-    const buf = await load();
+    return hit;
+  }
+  put(key: string, buf: Buffer): void {
+    const old = this.map.get(key);
+    if (old) {
+      this.map.delete(key);
+      this.bytes -= old.length;
+    }
     this.map.set(key, buf);
     this.bytes += buf.length;
     for (const [k, v] of this.map) {
@@ -98,6 +105,12 @@ export class MetaCache {
       this.map.delete(k);
       this.bytes -= v.length;
     }
+  }
+  async get(key: string, load: () => Promise<Buffer>): Promise<Buffer> {
+    const hit = this.peek(key);
+    if (hit) return hit;
+    const buf = await load();
+    this.put(key, buf);
     return buf;
   }
 }
@@ -105,6 +118,8 @@ export class MetaCache {
 type Grain = { kind: 'unallocated' } | { kind: 'zero' } | { kind: 'data'; pos: number } | { kind: 'compressed'; pos: number };
 
 const GD_PAGE = 4096;
+/** Bytes of neighbouring grain tables read in one request. */
+const GT_READAHEAD = 256 * 1024;
 let nextExtentId = 0;
 
 /** One sparse extent: a grain directory of grain tables of grains, whatever the dialect. */
@@ -188,10 +203,31 @@ export class SparseExtent {
     return se.grainTablesOffset * SECTOR + lo * gtBytes;
   }
 
-  private gt(index: number, offset: number): Promise<Buffer> {
-    return this.cache.get(`${this.id}:gt:${index}`, () =>
-      readExact(this.source, offset, this.gtEntries * this.entrySize, `grain table ${index}`),
-    );
+  /**
+   * Grain table `index` at `offset`. Tables that follow it in the directory and lie right after it
+   * in the file (qemu-img and VMware preallocate them that way) are read in the same request.
+   */
+  private async gt(index: number, offset: number): Promise<Buffer> {
+    const key = `${this.id}:gt:${index}`;
+    const hit = this.cache.peek(key);
+    if (hit) return hit;
+    const gtBytes = this.gtEntries * this.entrySize;
+    const page = Math.floor(index / GD_PAGE);
+    const dir = await this.gdPage(page);
+    let count = 1;
+    const maxCount = Math.max(1, Math.floor(GT_READAHEAD / gtBytes));
+    while (count < maxCount) {
+      const k = index + count;
+      if (k >= this.gdEntries || Math.floor(k / GD_PAGE) !== page) break;
+      if (this.gtOffsetFrom(dir, k - page * GD_PAGE) !== offset + count * gtBytes) break;
+      if (offset + (count + 1) * gtBytes > this.source.size) break;
+      count++;
+    }
+    const span = await readExact(this.source, offset, count * gtBytes, `grain table ${index}`);
+    for (let i = count - 1; i >= 0; i--) {
+      this.cache.put(`${this.id}:gt:${index + i}`, span.subarray(i * gtBytes, (i + 1) * gtBytes));
+    }
+    return this.cache.peek(key)!;
   }
 
   private grain(gt: Buffer, j: number): Grain {
@@ -224,31 +260,68 @@ export class SparseExtent {
     }
   }
 
+  private grainIsEmpty(gt: Buffer, j: number): boolean {
+    return this.entrySize === 4 ? gt.readUInt32LE(j * 4) === 0 : gt.readUInt32LE(j * 8) === 0 && gt.readUInt32LE(j * 8 + 4) === 0;
+  }
+
+  /**
+   * Length of the unallocated stretch starting at `rel` (at most `want`): absent grain tables and
+   * tables of nothing but empty entries (qemu-img preallocates them) are skipped whole.
+   */
+  private async unallocatedRun(rel: number, want: number): Promise<number> {
+    const gb = this.grainBytes;
+    const coverage = gb * this.gtEntries;
+    const limit = rel + want;
+    let gtIndex = Math.floor(rel / coverage);
+    let page = -1;
+    let dir: Buffer | null = null;
+    let j = Math.floor(rel / gb) - gtIndex * this.gtEntries;
+    let gt: Buffer | null = null;
+    let pos = Math.floor(rel / gb) * gb;
+    while (pos < limit) {
+      if (gt === null) {
+        if (gtIndex >= this.gdEntries) break;
+        const p = Math.floor(gtIndex / GD_PAGE);
+        if (p !== page) {
+          page = p;
+          dir = await this.gdPage(p);
+        }
+        const off = this.gtOffsetFrom(dir!, gtIndex - p * GD_PAGE);
+        if (off !== 0) {
+          const t = await this.gt(gtIndex, off);
+          const tail = t.subarray(j * this.entrySize);
+          if (!isZero(tail)) gt = t;
+        }
+        if (gt === null) {
+          pos = (gtIndex + 1) * coverage;
+          gtIndex++;
+          j = 0;
+          continue;
+        }
+      }
+      if (!this.grainIsEmpty(gt, j)) break;
+      pos += gb;
+      if (++j === this.gtEntries) {
+        gt = null;
+        gtIndex++;
+        j = 0;
+      }
+    }
+    return Math.min(want, pos - rel);
+  }
+
   /** What the guest bytes at `rel` (relative to this extent) are, for up to `max` bytes. */
   async lookup(rel: number, max: number): Promise<Segment> {
     const gb = this.grainBytes;
     const coverage = gb * this.gtEntries;
     const gtIndex = Math.floor(rel / coverage);
     const want = Math.min(max, this.length - rel);
-    // Grain table absent: answer for every following absent table too.
-    let page = Math.floor(gtIndex / GD_PAGE);
-    let buf = await this.gdPage(page);
-    const gtOffset = this.gtOffsetFrom(buf, gtIndex - page * GD_PAGE);
-    if (gtOffset === 0) {
-      let next = gtIndex + 1;
-      while (next * coverage < rel + want && next < this.gdEntries) {
-        const p = Math.floor(next / GD_PAGE);
-        if (p !== page) {
-          page = p;
-          buf = await this.gdPage(p);
-        }
-        if (this.gtOffsetFrom(buf, next - p * GD_PAGE) !== 0) break;
-        next++;
-      }
-      return { kind: 'unallocated', length: Math.min(want, next * coverage - rel) };
+    const gtOffset = this.gtOffsetFrom(await this.gdPage(Math.floor(gtIndex / GD_PAGE)), gtIndex % GD_PAGE);
+    const first = Math.floor(rel / gb) - gtIndex * this.gtEntries;
+    if (gtOffset === 0 || this.grainIsEmpty(await this.gt(gtIndex, gtOffset), first)) {
+      return { kind: 'unallocated', length: await this.unallocatedRun(rel, want) };
     }
     const gt = await this.gt(gtIndex, gtOffset);
-    const first = Math.floor(rel / gb) - gtIndex * this.gtEntries;
     const skip = rel - Math.floor(rel / gb) * gb;
     const g = this.grain(gt, first);
     if (g.kind === 'compressed') {
