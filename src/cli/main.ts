@@ -1,45 +1,65 @@
 import { appendFileSync } from 'node:fs';
-import '../formats/index.js';
 import { abortAllTempsSync } from '../disk/sink.js';
-import { checkCommand, usage as checkUsage } from './check.js';
 import { errorLine } from './common.js';
-import { compareCommand, usage as compareUsage } from './compare.js';
-import { convertCommand, usage as convertUsage } from './convert.js';
-import { createCommand, usage as createUsage } from './create.js';
-import { infoCommand, usage as infoUsage } from './info.js';
-import { inspectCommand, usage as inspectUsage } from './inspect.js';
-import { mapCommand, usage as mapUsage } from './map.js';
-import { measureCommand, usage as measureUsage } from './measure.js';
-import { migrateCommand, usage as migrateUsage } from './migrate.js';
 
 type Command = (args: string[]) => Promise<number>;
 
-const commands: Record<string, { run: Command; usage: string; summary: string; errorCode?: number }> = {
-  info: { run: infoCommand, usage: infoUsage, summary: 'show an image: format, sizes, backing chain, snapshots' },
-  convert: { run: convertCommand, usage: convertUsage, summary: 'convert an image to another format' },
+/**
+ * A command's module, loaded only when that command runs: start-up then pays for one command
+ * (and the formats it needs), not for the VM plane, the network and every other command.
+ */
+interface CommandModule {
+  run: Command;
+  usage: string;
+}
+
+/** Loads the formats (they register on import) and then the command's module. */
+async function load(mod: Promise<Record<string, unknown>>, run: string): Promise<CommandModule> {
+  await import('../formats/index.js');
+  const m = await mod;
+  return { run: m[run] as Command, usage: m.usage as string };
+}
+
+const commands: Record<string, { load: () => Promise<CommandModule>; summary: string; errorCode?: number }> = {
+  info: {
+    load: () => load(import('./info.js'), 'infoCommand'),
+    summary: 'show an image: format, sizes, backing chain, snapshots',
+  },
+  convert: { load: () => load(import('./convert.js'), 'convertCommand'), summary: 'convert an image to another format' },
   compare: {
-    run: compareCommand,
-    usage: compareUsage,
+    load: () => load(import('./compare.js'), 'compareCommand'),
     summary: 'compare the content of two images (exit 0 same, 1 different, 2 error)',
     errorCode: 2,
   },
   check: {
-    run: checkCommand,
-    usage: checkUsage,
+    load: () => load(import('./check.js'), 'checkCommand'),
     summary: 'check an image for corruption (exit 0, 2 corrupt, 3 leaks, 63 unsupported)',
   },
-  map: { run: mapCommand, usage: mapUsage, summary: 'print the extent map of an image' },
-  measure: { run: measureCommand, usage: measureUsage, summary: 'compute the size a conversion would need' },
-  create: { run: createCommand, usage: createUsage, summary: 'create a new empty image' },
+  map: { load: () => load(import('./map.js'), 'mapCommand'), summary: 'print the extent map of an image' },
+  measure: {
+    load: () => load(import('./measure.js'), 'measureCommand'),
+    summary: 'compute the size a conversion would need',
+  },
+  create: { load: () => load(import('./create.js'), 'createCommand'), summary: 'create a new empty image' },
   inspect: {
-    run: inspectCommand,
-    usage: inspectUsage,
+    load: () => load(import('./inspect.js'), 'inspectCommand'),
     summary: 'show a VM (any descriptor or disk): model, disks, partition tables',
   },
   migrate: {
-    run: migrateCommand,
-    usage: migrateUsage,
+    load: () => load(import('./migrate.js'), 'migrateCommand'),
     summary: 'move a VM to another platform: disks, descriptor, verification, report',
+  },
+  serve: {
+    load: () => load(import('./serve.js'), 'serveCommand'),
+    summary: 'receive disks over the network (TLS agent writing any format)',
+  },
+  send: {
+    load: () => load(import('./send.js'), 'sendCommand'),
+    summary: 'send a disk to a vmferry serve agent (resumable, compressed)',
+  },
+  estimate: {
+    load: () => load(import('./estimate.js'), 'estimateCommand'),
+    summary: 'predict transfer time, compression and warm-migration rounds',
   },
 };
 
@@ -88,8 +108,15 @@ export async function main(argv: string[]): Promise<number> {
     process.stderr.write(`vmferry: unknown command '${name}'; run 'vmferry --help' for the list\n`);
     return 1;
   }
+  let loaded: CommandModule;
+  try {
+    loaded = await command.load();
+  } catch (err) {
+    process.stderr.write(`${errorLine(err)}\n`);
+    return command.errorCode ?? 1;
+  }
   if (args.includes('--help') || args.includes('-h')) {
-    process.stdout.write(`usage: ${command.usage}\n`);
+    process.stdout.write(`usage: ${loaded.usage}\n`);
     return 0;
   }
   const onSignal = (signal: NodeJS.Signals) => {
@@ -102,7 +129,7 @@ export async function main(argv: string[]): Promise<number> {
   process.once('SIGTERM', onSignal);
   const debug = args.includes('--debug');
   try {
-    return await command.run(args);
+    return await loaded.run(args);
   } catch (err) {
     process.stderr.write(`${errorLine(err)}\n`);
     if (debug && err instanceof Error && err.stack) process.stderr.write(`${err.stack}\n`);

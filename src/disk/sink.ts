@@ -98,16 +98,36 @@ export class AtomicFileSink implements ByteSink {
   private fd: number | null;
   private state: 'open' | 'flushed' | 'committed' | 'aborted' = 'open';
 
-  constructor(readonly name: string) {
+  constructor(
+    readonly name: string,
+    /** Resume: take over this existing temp file (left by a killed process) instead of creating one. */
+    adopt?: { tempPath: string; length: number },
+  ) {
     const dir = dirname(name);
-    removeStaleTemps(dir);
+    if (!adopt) removeStaleTemps(dir);
     this.tempPath = join(dir, `.${basename(name)}${TEMP_MARK}${process.pid}-${randomBytes(4).toString('hex')}`);
     try {
-      this.fd = openSync(this.tempPath, constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL, 0o644);
+      if (adopt) {
+        // Renamed to this process's temp name first, so no stale-temp sweep can remove it.
+        renameSync(adopt.tempPath, this.tempPath);
+        this.fd = openSync(this.tempPath, constants.O_WRONLY);
+        ftruncateSync(this.fd, adopt.length);
+      } else {
+        this.fd = openSync(this.tempPath, constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL, 0o644);
+      }
     } catch (err) {
       throw ioError(err, name);
     }
     liveTemps.add(this.tempPath);
+  }
+
+  /** Flushes what was written so far to stable storage and keeps the sink open (checkpoints). */
+  async sync(): Promise<void> {
+    try {
+      fsyncSync(this.descriptor);
+    } catch (err) {
+      throw ioError(err, this.name);
+    }
   }
 
   /** The descriptor, for helpers such as hole punching. */

@@ -95,6 +95,12 @@ export interface DiskWriter {
   finish(): Promise<void>;
   /** Removes everything written so far. Safe to call more than once. */
   abort(): Promise<void>;
+  /**
+   * Optional resume support: flushes everything written so far to stable storage and returns a
+   * JSON-serialisable state from which FormatDriver.resume can reopen the half-written output
+   * and continue after the last write (used by resumable network transfers).
+   */
+  checkpoint?(): Promise<unknown>;
 }
 
 /** Options that govern how an image and the files it names are opened. */
@@ -170,4 +176,9 @@ export interface FormatDriver {
   check?(path: string, options: OpenOptions & { repair?: 'leaks' | 'all' }): Promise<CheckResult>;
   /** Size a conversion of `source` would need in this format. */
   measure?(source: DiskReader, virtualSize: number, options: CreateOptions): Promise<MeasureResult>;
+  /**
+   * Reopens an output left half-written (its temp file) from a writer's checkpoint() state,
+   * truncating it to the checkpointed length; writing continues after the checkpointed offset.
+   */
+  resume?(path: string, virtualSize: number, options: CreateOptions, state: unknown): Promise<DiskWriter>;
 }

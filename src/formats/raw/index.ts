@@ -9,6 +9,7 @@ export const rawDriver: FormatDriver = {
   probe: () => 1,
   open: (path) => RawReader.open(path),
   create: (path, size, options) => RawWriter.create(path, size, options),
+  resume: (path, size, options, state) => RawWriter.resume(path, size, options, state),
   createOptions: RAW_CREATE_OPTIONS,
   measure: async (_source, virtualSize) => ({ required: virtualSize, fullyAllocated: virtualSize }),
 };
