@@ -378,3 +378,39 @@ describe('ovf reader: a VirtualBox-style OVF', () => {
     assert.equal(new Map(m.unmapped.map((u) => [u.key, u.value])).get('sound card'), 'sound (ensoniq1371)');
   });
 });
+
+describe('ovf reader: OVF 2.0', () => {
+  test('StorageItem and EthernetPortItem (sasd/epasd) are read like Items', async () => {
+    const dir = tmpDir('vmferry-ovf2-');
+    const { vmdk } = makeDisk(dir, 'v2-disk1', '32M');
+    const ovf = join(dir, 'v2.ovf');
+    writeFileSync(
+      ovf,
+      `<?xml version="1.0" encoding="UTF-8"?>
+<Envelope xmlns="http://schemas.dmtf.org/ovf/envelope/2" xmlns:ovf="http://schemas.dmtf.org/ovf/envelope/2" xmlns:rasd="http://schemas.dmtf.org/wbem/wscim/1/cim-schema/2/CIM_ResourceAllocationSettingData" xmlns:sasd="http://schemas.dmtf.org/wbem/wscim/1/cim-schema/2/CIM_StorageAllocationSettingData" xmlns:epasd="http://schemas.dmtf.org/wbem/wscim/1/cim-schema/2/CIM_EthernetPortAllocationSettingData" xmlns:vssd="http://schemas.dmtf.org/wbem/wscim/1/cim-schema/2/CIM_VirtualSystemSettingData">
+  <References><File ovf:id="f1" ovf:href="v2-disk1.vmdk"/></References>
+  <DiskSection><Info>disks</Info><Disk ovf:diskId="d1" ovf:fileRef="f1" ovf:capacity="32" ovf:capacityAllocationUnits="byte * 2^20" ovf:format="http://www.vmware.com/interfaces/specifications/vmdk.html#streamOptimized"/></DiskSection>
+  <VirtualSystem ovf:id="v2">
+    <Info>A VM</Info>
+    <VirtualHardwareSection>
+      <Info>hw</Info>
+      <Item><rasd:ElementName>cpu</rasd:ElementName><rasd:InstanceID>1</rasd:InstanceID><rasd:ResourceType>3</rasd:ResourceType><rasd:VirtualQuantity>3</rasd:VirtualQuantity></Item>
+      <Item><rasd:AllocationUnits>byte * 2^30</rasd:AllocationUnits><rasd:ElementName>mem</rasd:ElementName><rasd:InstanceID>2</rasd:InstanceID><rasd:ResourceType>4</rasd:ResourceType><rasd:VirtualQuantity>2</rasd:VirtualQuantity></Item>
+      <Item><rasd:Address>0</rasd:Address><rasd:ElementName>scsi</rasd:ElementName><rasd:InstanceID>3</rasd:InstanceID><rasd:ResourceSubType>lsilogicsas</rasd:ResourceSubType><rasd:ResourceType>6</rasd:ResourceType></Item>
+      <StorageItem><sasd:AddressOnParent>2</sasd:AddressOnParent><sasd:ElementName>disk</sasd:ElementName><sasd:HostResource>ovf:/disk/d1</sasd:HostResource><sasd:InstanceID>4</sasd:InstanceID><sasd:Parent>3</sasd:Parent><sasd:ResourceType>17</sasd:ResourceType></StorageItem>
+      <EthernetPortItem><epasd:Address>52-54-00-AB-CD-EF</epasd:Address><epasd:Connection>lan</epasd:Connection><epasd:ElementName>nic</epasd:ElementName><epasd:InstanceID>5</epasd:InstanceID><epasd:ResourceSubType>E1000e</epasd:ResourceSubType><epasd:ResourceType>10</epasd:ResourceType></EthernetPortItem>
+    </VirtualHardwareSection>
+  </VirtualSystem>
+</Envelope>
+`,
+    );
+    assert.equal(detectVmReader(ovf), ovfReader);
+    const m = await readOvf(ovf);
+    assert.equal(m.name, 'v2');
+    assert.equal(m.cpus, 3);
+    assert.equal(m.memory, 2 * 1024 * MiB);
+    assert.deepEqual(m.controllers, [{ id: 'scsi0', bus: 'scsi', model: 'lsisas1068' }]);
+    assert.deepEqual(m.disks, [{ path: vmdk, format: 'vmdk', capacity: 32 * MiB, bus: 'scsi', controller: 'scsi0', unit: 2 }]);
+    assert.deepEqual(m.nics, [{ model: 'e1000e', sourceModel: 'E1000e', mac: '52:54:00:ab:cd:ef', network: 'lan' }]);
+  });
+});
