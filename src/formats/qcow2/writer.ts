@@ -5,7 +5,7 @@ import { UsageError, VmferryError } from '../../disk/errors.js';
 import { checkKnownOptions, parseBoolOption, parseSize } from '../../disk/options.js';
 import { openImage } from '../../disk/registry.js';
 import { type ByteSink, openSink } from '../../disk/sink.js';
-import type { CreateOptions, DiskReader, DiskWriter } from '../../disk/types.js';
+import type { CodecSpec, CompressedUnit, CreateOptions, DiskReader, DiskWriter } from '../../disk/types.js';
 import {
   COMPAT_LAZY_REFCOUNTS,
   COMPRESSION_ZLIB,
@@ -119,13 +119,23 @@ export function parseCreateOptions(virtualSize: number, options: CreateOptions, 
   };
 }
 
+/**
+ * The codec as qemu compresses clusters: zlib is raw deflate with a 4 KiB window (qemu inflates
+ * with windowBits -12) and memLevel 9 at the default level; zstd at its default level.
+ */
+export function qcow2Codec(type: number): CodecSpec {
+  return type === COMPRESSION_ZSTD
+    ? { codec: 'zstd' }
+    : { codec: 'deflate-raw', windowBits: 12, memLevel: 9, level: zc.Z_DEFAULT_COMPRESSION };
+}
+
 /** Compresses one cluster as qemu does; null when it does not shrink below a cluster. Pure. */
 export function compressCluster(data: Buffer, clusterSize: number, type: number): Buffer | null {
+  const spec = qcow2Codec(type);
   const out =
-    type === COMPRESSION_ZSTD
+    spec.codec === 'zstd'
       ? zstdCompress(data)
-      : // qemu inflates with a 4 KiB window (windowBits -12), so deflate with one.
-        deflateRawSync(data, { windowBits: 12, memLevel: 9, level: zc.Z_DEFAULT_COMPRESSION });
+      : deflateRawSync(data, { windowBits: spec.windowBits, memLevel: spec.memLevel, level: spec.level });
   return out.length < clusterSize ? out : null;
 }
 
@@ -172,6 +182,8 @@ class RefCounts {
 export class Qcow2Writer implements DiskWriter {
   readonly sequentialOnly = false;
   readonly clusterSize: number;
+  /** Set with -c: the copy pipeline compresses clusters on worker threads and calls writeCompressed. */
+  readonly compression?: CodecSpec;
   private readonly cs: number;
   private readonly tables = new Map<number, L2Build>();
   private readonly refs = new RefCounts();
@@ -193,6 +205,7 @@ export class Qcow2Writer implements DiskWriter {
     // Pipeline zero detection per subcluster when subclusters exist.
     // (compressed output needs whole clusters, so then the unit is the cluster).
     this.clusterSize = layout.extL2 && !compress ? this.cs / SUBCLUSTERS : this.cs;
+    if (compress && !layout.preallocate) this.compression = qcow2Codec(layout.compressionType);
     this.refs.add(0); // header cluster
     this.tail = this.cs;
     if (layout.preallocate) {
@@ -353,6 +366,84 @@ export class Qcow2Writer implements DiskWriter {
     await flush();
   }
 
+  /**
+   * Whole clusters the pipeline compressed with `compression`, ascending: each is stored
+   * compressed when that shrinks it below a cluster, else as a plain cluster, exactly as write()
+   * would store it. Writes to adjacent host bytes from adjacent memory go out as one.
+   */
+  async writeCompressed(units: CompressedUnit[]): Promise<void> {
+    const cs = this.cs;
+    let run: { host: number; buf: Buffer } | null = null;
+    const flush = async () => {
+      if (run) await this.sink.write(run.buf, run.host);
+      run = null;
+    };
+    const put = async (buf: Buffer, host: number) => {
+      if (
+        run &&
+        run.host + run.buf.length === host &&
+        run.buf.buffer === buf.buffer &&
+        run.buf.byteOffset + run.buf.length === buf.byteOffset
+      ) {
+        run.buf = Buffer.from(buf.buffer, run.buf.byteOffset, run.buf.length + buf.length);
+        return;
+      }
+      await flush();
+      run = { host, buf };
+    };
+    for (const u of units) {
+      const { offset, raw } = u;
+      this.checkRange(offset, raw.length);
+      const cluster = Math.floor(offset / cs);
+      const clusterStart = cluster * cs;
+      const clusterLen = Math.min(cs, this.virtualSize - clusterStart);
+      const t = this.table(Math.floor(cluster / this.layout.l2Entries));
+      const i = cluster % this.layout.l2Entries;
+      const kind = t.kind[i]!;
+      const whole = offset === clusterStart && raw.length === clusterLen;
+      if (!whole || kind === KIND_DATA || kind === KIND_COMPRESSED || this.pending?.cluster === cluster) {
+        // Not what the pipeline hands over; the general path knows every case.
+        await flush();
+        await this.write(offset, raw);
+        continue;
+      }
+      if (this.pending) {
+        await flush();
+        await this.flushPending();
+      }
+      // qemu compresses the last, short cluster padded with zeros to a whole one.
+      const packed =
+        clusterLen === cs
+          ? u.packed.length < cs
+            ? u.packed
+            : null
+          : compressCluster(Buffer.concat([raw, Buffer.alloc(cs - clusterLen)]), cs, this.layout.compressionType);
+      if (packed) {
+        const host = this.placeCompressed(packed.length);
+        await put(packed, host);
+        t.kind[i] = KIND_COMPRESSED;
+        t.host[i] = host;
+        t.csize[i] = packed.length;
+        if (t.alloc) {
+          t.alloc[i] = 0;
+          t.zero![i] = 0;
+        }
+        continue;
+      }
+      const host = this.allocCluster();
+      t.kind[i] = KIND_DATA;
+      t.host[i] = host;
+      if (t.alloc) {
+        const sc = cs / SUBCLUSTERS;
+        const n = Math.ceil(clusterLen / sc);
+        t.alloc[i] = n >= 32 ? 0xffffffff : (2 ** n - 1) >>> 0;
+        t.zero![i] = 0;
+      }
+      await put(raw, host);
+    }
+    await flush();
+  }
+
   /** Stores the gathered cluster: compressed when that shrinks it, else as a plain cluster. */
   private async flushPending(): Promise<void> {
     const p = this.pending;
@@ -435,6 +526,11 @@ export class Qcow2Writer implements DiskWriter {
       const clusterLen = Math.min(cs, this.virtualSize - clusterStart);
       const l1Index = Math.floor(cluster / this.layout.l2Entries);
       const existing = this.tables.get(l1Index);
+      if (!existing && !this.hasBacking) {
+        // Nothing stored under this whole L2 table: it already reads as zeros (a sparse petabyte is one step per table).
+        pos = Math.min(end, (l1Index + 1) * this.layout.l2Entries * cs);
+        continue;
+      }
       const i = cluster % this.layout.l2Entries;
       const kind = existing ? existing.kind[i]! : KIND_UNALLOCATED;
       if (kind === KIND_DATA && !existing!.alloc) {
