@@ -10,6 +10,11 @@ import { qemuImg, tmpDir, vmferry } from '../helpers/index.js';
 interface Case {
   name: string;
   make: (dir: string) => string;
+  /**
+   * qemu-img's -f, where qemu cannot probe the format: a fixed VHD has no header at offset 0, so
+   * qemu-img calls it raw unless told; vmferry finds its footer.
+   */
+  qemuFormat?: string;
 }
 
 const MiB = 1024 * 1024;
@@ -53,7 +58,7 @@ const cases: Case[] = [
     make: created('vmdk', `subformat=${sf}`, 64 * MiB, `${sf}.vmdk`),
   })),
   { name: 'vpc dynamic', make: created('vpc', 'subformat=dynamic') },
-  { name: 'vpc fixed', make: created('vpc', 'subformat=fixed') },
+  { name: 'vpc fixed', make: created('vpc', 'subformat=fixed'), qemuFormat: 'vpc' },
   { name: 'vhdx dynamic', make: created('vhdx', 'subformat=dynamic') },
   { name: 'vhdx fixed', make: created('vhdx', 'subformat=fixed') },
   { name: 'vdi dynamic', make: created('vdi', '') },
@@ -77,7 +82,10 @@ for (const c of cases) {
   test(`info --output=json agrees with qemu-img: ${c.name}`, () => {
     const dir = tmpDir();
     const path = c.make(dir);
-    const theirs = JSON.parse(qemuImg('info', '--output=json', path)) as Record<string, unknown>;
+    const theirs = JSON.parse(qemuImg('info', ...(c.qemuFormat ? ['-f', c.qemuFormat] : []), '--output=json', path)) as Record<
+      string,
+      unknown
+    >;
     const r = vmferry('info', '--output=json', path);
     assert.equal(r.code, 0, r.stderr);
     const ours = JSON.parse(r.stdout) as Record<string, unknown>;
