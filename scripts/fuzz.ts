@@ -895,7 +895,7 @@ export function mutate(rng: Rng, seed: Seed, seedBuf: Buffer, others: Buffer[]):
       const src = rng.pick(others);
       const len = Math.min(rng.pick([8, 64, 512, 4096, 65536]), src.length);
       const from = rng.chance(0.5) ? 0 : rng.int(Math.max(src.length - len, 1));
-      const cuts = s.cuts.filter((c) => c + len <= size);
+      const cuts = s.cuts.filter((c) => c >= 0 && c + len <= size);
       const to = cuts.length && rng.chance(0.5) ? rng.pick(cuts) : rng.int(Math.max(size - len, 1));
       src.copy(buf, to, from, from + len);
       notes.push(`splice ${len}@${from}->${to}`);
@@ -1392,7 +1392,13 @@ async function fuzz(a: Args): Promise<number> {
 
   const one = async (w: Worker, slot: number) => {
     const seed = rng.pick(seeds);
-    const m = mutate(rng, seed, seedBufs.get(seed)!, allOthers);
+    let m: Mutated;
+    try {
+      m = mutate(rng, seed, seedBufs.get(seed)!, allOthers);
+    } catch (err) {
+      process.stderr.write(`fuzz: mutator failed on ${seed.name} (skipped): ${(err as Error).message}\n`);
+      return;
+    }
     const claim = rng.chance(0.2) ? seed.format : undefined;
     const dir = join(work, `slot${slot}`);
     rmSync(dir, { recursive: true, force: true });
