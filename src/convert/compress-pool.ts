@@ -24,6 +24,8 @@ export class CompressPool {
       const slot = { worker, busy: 0 };
       worker.on('message', (done: CompressDone) => {
         slot.busy--;
+        // An idle pool must not keep the process alive; a busy one must (the caller awaits it).
+        if (slot.busy === 0) worker.unref();
         const p = this.pending.get(done.id);
         if (!p) return;
         this.pending.delete(done.id);
@@ -40,6 +42,8 @@ export class CompressPool {
       worker.on('error', (err) => {
         for (const p of this.pending.values()) p.reject(err);
         this.pending.clear();
+        slot.busy = 0;
+        worker.unref();
       });
       worker.unref();
       this.workers.push(slot);
@@ -58,7 +62,7 @@ export class CompressPool {
         : chunk.buffer.slice(chunk.byteOffset, chunk.byteOffset + chunk.byteLength);
     const slot = this.workers.reduce((a, b) => (b.busy < a.busy ? b : a));
     const id = this.nextId++;
-    slot.busy++;
+    if (slot.busy++ === 0) slot.worker.ref();
     return new Promise((resolve, reject) => {
       this.pending.set(id, { resolve, reject });
       const job: CompressJob = { id, spec, chunk: own as ArrayBuffer, ranges };

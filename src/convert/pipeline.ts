@@ -32,7 +32,14 @@ export interface CopyStats {
   zeroBytes: number;
 }
 
-const DEFAULT_CHUNK = 4 * 1024 * 1024;
+/**
+ * Largest read for plain copies. Measured on the bench (dense raw -> qcow2): 1 MiB buffers stay
+ * warm in the caches between the read and the write system calls and halve the wall time of 4 MiB
+ * ones; much smaller ones cost more in per-call overhead.
+ */
+const DEFAULT_CHUNK = 1024 * 1024;
+/** Compressing writers: the unit of work sent to a worker thread (amortises the message cost). */
+const DEFAULT_COMPRESS_CHUNK = 4 * 1024 * 1024;
 
 type UnitKind = 'data' | 'zero' | 'same';
 
@@ -46,6 +53,8 @@ interface Processed {
   ops: WriteOp[];
   /** Guest bytes this piece covers, for progress. */
   covered: number;
+  /** The read buffer, back to the free list once the ops are written (plain copies only). */
+  buffer?: Buffer;
 }
 
 type Piece =
@@ -61,9 +70,17 @@ type Piece =
  */
 export async function copyDisk(reader: DiskReader, writer: DiskWriter, options: CopyOptions = {}): Promise<CopyStats> {
   const unit = Math.max(512, writer.clusterSize);
-  const chunk = Math.max(unit, Math.floor((options.chunkSize ?? DEFAULT_CHUNK) / unit) * unit);
   const compressing = writer.compression !== undefined && writer.writeCompressed !== undefined;
+  const wanted = options.chunkSize ?? (compressing ? DEFAULT_COMPRESS_CHUNK : DEFAULT_CHUNK);
+  const chunk = Math.max(unit, Math.floor(wanted / unit) * unit);
   const pool = compressing ? (options.pool ?? new CompressPool()) : null;
+  // Plain copies reuse their read buffers: fresh memory for every chunk costs page faults and GC.
+  const free: Buffer[] = [];
+  const takeBuffer = (length: number): Buffer => {
+    if (pool) return Buffer.allocUnsafeSlow(length);
+    const b = free.pop() ?? Buffer.allocUnsafeSlow(chunk);
+    return b.length >= length ? b : Buffer.allocUnsafeSlow(length);
+  };
   const depth = options.readAhead ?? (pool ? pool.size * 2 + 2 : 4);
   const stats: CopyStats = { virtualSize: reader.virtualSize, dataBytes: 0, zeroBytes: 0 };
   const baseline = options.baseline;
@@ -77,10 +94,13 @@ export async function copyDisk(reader: DiskReader, writer: DiskWriter, options: 
         : [{ kind: 'zero', offset: piece.offset, length: piece.length }];
       return { ops, covered: piece.length };
     }
-    const data = await reader.read(piece.offset, piece.length, Buffer.allocUnsafeSlow(piece.length));
+    const buffer = takeBuffer(piece.length);
+    const data = await reader.read(piece.offset, piece.length, buffer.subarray(0, piece.length));
     const base = baseline ? await readBaseline(baseline, piece.offset, piece.length) : null;
     const runs = classify(piece.offset, data, base, unit);
-    if (!pool || !runs.some((r) => r.kind === 'data')) return { ops: runsToOps(piece.offset, data, runs), covered: piece.length };
+    if (!pool || !runs.some((r) => r.kind === 'data')) {
+      return { ops: runsToOps(piece.offset, data, runs), covered: piece.length, buffer: pool ? undefined : buffer };
+    }
     // Each data cluster is compressed on its own: that is what the formats store.
     const ranges: [number, number][] = [];
     for (const r of runs) {
@@ -138,6 +158,7 @@ export async function copyDisk(reader: DiskReader, writer: DiskWriter, options: 
         }
       }
       done += result.covered;
+      if (result.buffer && result.buffer.length === chunk) free.push(result.buffer);
       options.onProgress?.({ done, total: reader.virtualSize });
     }
   } finally {

@@ -189,6 +189,8 @@ export class Qcow2Writer implements DiskWriter {
   private readonly refs = new RefCounts();
   /** Next free host byte (unaligned after compressed data). */
   private tail: number;
+  /** Next free byte in the cluster compressed data last used partly (0: none). */
+  private freeByte = 0;
   private backingReader?: DiskReader;
   private finished = false;
   /** Compressed output without a backing file: a cluster being gathered from partial writes. */
@@ -498,18 +500,28 @@ export class Qcow2Writer implements DiskWriter {
     }
   }
 
-  /** Where `length` compressed bytes go: packed after the previous ones, as qemu packs them. */
+  /**
+   * Where `length` compressed bytes go, as qemu's allocator places them: into the rest of the
+   * cluster the previous compressed data left partly used (even when plain clusters were
+   * allocated after it), else into new clusters, crossing into them only when they follow it.
+   */
   private placeCompressed(length: number): number {
     const cs = this.cs;
     const limit = Math.min(2 ** (2 ** this.layout.refcountOrder) - 1, 65535);
-    let start = this.tail;
-    if (start % cs !== 0 && this.refs.get(Math.floor(start / cs)) >= limit) start = Math.ceil(start / cs) * cs;
+    let start = this.freeByte;
+    if (start !== 0 && this.refs.get(Math.floor(start / cs)) >= limit) start = 0;
+    if (start === 0 || cs - (start % cs) < length) {
+      const next = Math.ceil(this.tail / cs) * cs;
+      if (start === 0 || Math.ceil(start / cs) * cs !== next) start = next;
+    }
     // Reference counts follow the L2 entry's sector-rounded extent, which is what qemu checks.
     const extentEnd = (Math.floor((start + length - 1) / 512) + 1) * 512;
     const firstCluster = Math.floor(start / cs);
     const lastCluster = Math.floor((extentEnd - 1) / cs);
     for (let c = firstCluster; c <= lastCluster; c++) this.refs.add(c);
-    this.tail = start + length;
+    const end = start + length;
+    this.tail = Math.max(this.tail, end);
+    this.freeByte = end % cs === 0 ? 0 : end;
     return start;
   }
 
