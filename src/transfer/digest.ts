@@ -95,12 +95,28 @@ export async function* blockPieces(reader: DiskReader, align: number, maxData: n
   if (st.cur) yield st.cur;
 }
 
-/** The content digest of a whole disk, read through its extent map (holes are not read). */
-export async function contentDigest(reader: DiskReader, maxRead = 8 * DIGEST_BLOCK): Promise<string> {
+/**
+ * The content digest of the first `length` bytes of a disk (all of it by default), read through
+ * its extent map (holes are not read). A target format may round the size up (VHD's geometry):
+ * bytes past `length` must then read as zeros, else the digest is marked so it cannot match.
+ */
+export async function contentDigest(
+  reader: DiskReader,
+  length = reader.virtualSize,
+  maxRead = 8 * DIGEST_BLOCK,
+): Promise<string> {
   const d = new ContentDigest();
+  let tailClean = reader.virtualSize >= length;
   for await (const p of blockPieces(reader, DIGEST_BLOCK, maxRead)) {
-    if (p.kind === 'zero') d.addZeros(p.end - p.start);
-    else d.addData(await reader.read(p.start, p.end - p.start));
+    const end = Math.min(p.end, length);
+    if (p.start < end) {
+      if (p.kind === 'zero') d.addZeros(end - p.start);
+      else d.addData(await reader.read(p.start, end - p.start));
+    }
+    if (p.end > length && p.kind === 'data' && tailClean) {
+      const from = Math.max(p.start, length);
+      if (!isZero(await reader.read(from, p.end - from))) tailClean = false;
+    }
   }
-  return d.digest();
+  return tailClean ? d.digest() : `${d.digest()}+size-or-tail-differs`;
 }
