@@ -9,6 +9,7 @@ have() { command -v "$1" >/dev/null 2>&1; }
 pyhas() { /usr/bin/python3 -c "import $1" >/dev/null 2>&1; }
 have qemu-img || missing+=(qemu-utils)
 have xmllint || missing+=(libxml2-utils)
+have virt-xml-validate || missing+=(libvirt-clients)
 have vmdkinfo || missing+=(libvmdk-utils)
 have vhdiinfo || missing+=(libvhdi-utils)
 have qcowinfo || missing+=(libqcow-utils)

@@ -55,7 +55,7 @@ export function checkAzureVhd(path: string): number {
   const fd = openSync(path, 'r');
   try {
     const size = fstatSync(fd).size;
-    if (size < 512 + MiB) throw new CorruptImageError('is too small to be an Azure VHD', path);
+    if (size < 512) throw new CorruptImageError('is too small to be a VHD', path);
     const footer = Buffer.alloc(512);
     readSync(fd, footer, 0, 512, size - 512);
     if (footer.subarray(0, 8).toString('latin1') !== 'conectix')

@@ -91,7 +91,7 @@ export function qemuScript(model: VmModel, disks: TargetDisk[], outDir: string):
     const m = KVM_NIC[n.model];
     if (!m) throw new UnsupportedFeatureError(`nic ${i} model '${n.model}' is not supported by QEMU here; map it first`, outDir);
     arg('-netdev', `user,id=net${i}`);
-    arg('-device', `${m.qemu},netdev=net${i}${n.mac ? `,mac=${n.mac}` : ''}`);
+    arg('-device', `${m.qemu},id=nic${i},netdev=net${i}${n.mac ? `,mac=${n.mac}` : ''}`);
   });
   arg('-vga', 'std');
   arg('-nographic');
