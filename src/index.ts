@@ -1,5 +1,6 @@
 /** vmferry's library API: everything the CLI does, as typed functions. */
 import './formats/index.js';
+import './transfer/nbd/index.js';
 
 export { copyDisk } from './convert/pipeline.js';
 export { collectExtents, type FlatExtent, flatExtents } from './disk/chain.js';

@@ -72,8 +72,26 @@ export interface OpenImageOptions extends OpenOptions {
   format?: string;
 }
 
+/** Opens a name with a URI scheme (nbd://..., nbd+unix://...) that a network client registered. */
+export type UriOpener = (uri: string, options: OpenImageOptions) => Promise<DiskReader>;
+
+const uriOpeners = new Map<string, UriOpener>();
+
+/** Lets a client outside the disk plane open names like `SCHEME://...` (the disk plane knows no network). */
+export function registerUriOpener(scheme: string, opener: UriOpener): void {
+  uriOpeners.set(scheme.toLowerCase(), opener);
+}
+
+/** The registered opener for a `SCHEME://...` name, if any. */
+export function uriOpenerFor(path: string): UriOpener | undefined {
+  const m = /^([a-z][a-z0-9+.-]*):\/\//i.exec(path);
+  return m ? uriOpeners.get(m[1]!.toLowerCase()) : undefined;
+}
+
 /** Opens any supported image, probing its format by content unless one is named. */
 export async function openImage(path: string, options: OpenImageOptions = {}): Promise<DiskReader> {
+  const uriOpener = uriOpenerFor(path);
+  if (uriOpener) return uriOpener(path, options);
   const depth = options.depth ?? 0;
   if (depth > MAX_CHAIN_DEPTH) {
     throw new UnsafeReferenceError(`backing chain is deeper than ${MAX_CHAIN_DEPTH} images (a loop?)`, path);
