@@ -199,10 +199,14 @@ export async function startAgent(o: AgentOptions): Promise<Agent> {
 
   const checkpoint = async (t: Transfer) => {
     if (!t.writer.checkpoint || !t.driver.resume) return;
-    const state = await t.writer.checkpoint();
-    saveState(t, state);
     t.sinceCheckpoint = 0;
     t.checkpointAt = Date.now();
+    try {
+      saveState(t, await t.writer.checkpoint());
+    } catch (err) {
+      // Not fatal: the transfer goes on, a resume after a crash starts further back.
+      log(`${t.name}: checkpoint failed: ${err instanceof VmferryError ? err.describe() : (err as Error).message}`);
+    }
   };
 
   const begin = async (req: IncomingMessage, name: string, body: BeginRequest): Promise<BeginResponse> => {
@@ -684,6 +688,11 @@ function validateBegin(b: BeginRequest): void {
     getDriver(b.format);
   } catch (err) {
     throw new HttpError(400, (err as Error).message);
+  }
+  // Options that name files would let a sender make the agent open paths of its choosing.
+  for (const key of Object.keys(b.options)) {
+    if (/backing|file|parent|extent/i.test(key))
+      throw new HttpError(400, `option ${key} names a file; not accepted over the network`);
   }
 }
 

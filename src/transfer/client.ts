@@ -320,15 +320,20 @@ export async function sendImage(source: string, options: SendOptions): Promise<S
       const size = body.reduce((n, b) => n + b.length, 0);
       for (let attempt = 1; ; attempt++) {
         if (limiter) await limiter.take(size);
-        stats.wire += size;
-        if (attempt > 1) {
-          stats.resent += size;
-          stats.resentChunks++;
-        }
+        const count = () => {
+          stats.wire += size;
+          if (attempt > 1) {
+            stats.resent += size;
+            stats.resentChunks++;
+          }
+        };
         let r: Reply;
         try {
           r = await request(ep, options.token, 'PUT', 'chunk', body);
+          count();
         } catch (err) {
+          // A refused connection carried nothing; anything else may have carried some of the body.
+          if ((err as NodeJS.ErrnoException).code !== 'ECONNREFUSED') count();
           if (attempt >= maxAttempts)
             throw new TransferError(`connection to the agent failed: ${(err as Error).message}`, options.url);
           await sleep(100 * attempt);

@@ -140,7 +140,13 @@ export class AuditLog {
   constructor(readonly path: string) {
     const last = lastLine(path);
     this.prev = last === null ? '0'.repeat(64) : sha256Hex(last);
-    this.seq = last === null ? 0 : ((JSON.parse(last) as { seq?: number }).seq ?? 0) + 1;
+    let lastSeq = -1;
+    try {
+      lastSeq = last === null ? -1 : ((JSON.parse(last) as { seq?: number }).seq ?? -1);
+    } catch {
+      // A damaged last line stays in the chain (verification will point at it); numbering goes on.
+    }
+    this.seq = lastSeq + 1;
   }
 
   append(entry: AuditEntry): void {

@@ -10,6 +10,7 @@ export const qcow2Driver: FormatDriver = {
   probe: (head) => (head.length >= 8 && head.readUInt32BE(0) === QCOW2_MAGIC && [2, 3].includes(head.readUInt32BE(4)) ? 100 : 0),
   open: (path, options) => Qcow2Reader.open(path, options),
   create: (path, size, options) => Qcow2Writer.create(path, size, options),
+  resume: (path, size, options, state) => Qcow2Writer.resume(path, size, options, state),
   createOptions: QCOW2_CREATE_OPTIONS,
   check: (path, options) => checkQcow2(path, options),
   measure: (source, size, options) => measureQcow2(source, size, options),

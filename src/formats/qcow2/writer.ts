@@ -4,7 +4,7 @@ import { compress as zstdCompress } from 'zstd-napi';
 import { UsageError, VmferryError } from '../../disk/errors.js';
 import { checkKnownOptions, parseBoolOption, parseSize } from '../../disk/options.js';
 import { openImage } from '../../disk/registry.js';
-import { type ByteSink, openSink } from '../../disk/sink.js';
+import { AtomicFileSink, type ByteSink, openSink } from '../../disk/sink.js';
 import type { CodecSpec, CompressedUnit, CreateOptions, DiskReader, DiskWriter } from '../../disk/types.js';
 import {
   COMPAT_LAZY_REFCOUNTS,
@@ -173,6 +173,36 @@ class RefCounts {
     this.arr[i]! += n;
     if (i + 1 > this.length) this.length = i + 1;
   }
+  /** Checkpoint support: the counts as base64. */
+  save(): string {
+    return b64(this.arr.subarray(0, this.length));
+  }
+  restore(text: string): void {
+    const a = new Uint16Array(unb64(text, 2));
+    this.arr = new Uint16Array(Math.max(1024, a.length));
+    this.arr.set(a);
+    this.length = a.length;
+  }
+}
+
+function b64(a: ArrayBufferView): string {
+  return Buffer.from(a.buffer, a.byteOffset, a.byteLength).toString('base64');
+}
+/** A fresh aligned copy of base64 bytes, checked to hold whole elements of `width` bytes. */
+function unb64(text: string, width: number): ArrayBuffer {
+  const b = Buffer.from(text, 'base64');
+  if (b.length % width !== 0) throw new UsageError('invalid qcow2 checkpoint state');
+  const out = new ArrayBuffer(b.length);
+  new Uint8Array(out).set(b);
+  return out;
+}
+
+/** What Qcow2Writer.checkpoint() returns (JSON-serialisable). */
+interface Qcow2Checkpoint {
+  tempPath: string;
+  tail: number;
+  refs: string;
+  tables: [number, string, string, string, string?, string?][];
 }
 
 /**
@@ -744,6 +774,75 @@ export class Qcow2Writer implements DiskWriter {
     }
     await this.sink.write(header, 0);
     await this.sink.setLength(this.tail);
+  }
+
+  /** Flushes the data written so far and returns the in-memory maps, for resume(). */
+  async checkpoint(): Promise<Qcow2Checkpoint> {
+    if (!(this.sink instanceof AtomicFileSink) || this.pending || this.compress || this.finished) {
+      throw new UsageError('this qcow2 output cannot be checkpointed (pipe, compressed or finished)', this.path);
+    }
+    await this.sink.sync();
+    const tables: Qcow2Checkpoint['tables'] = [];
+    for (const [idx, t] of this.tables) {
+      const row: Qcow2Checkpoint['tables'][number] = [idx, b64(t.kind), b64(t.host), b64(t.csize)];
+      if (t.alloc && t.zero) row.push(b64(t.alloc), b64(t.zero));
+      tables.push(row);
+    }
+    return { tempPath: this.sink.tempPath, tail: this.tail, refs: this.refs.save(), tables };
+  }
+
+  /** Reopens a checkpointed temp file, cut back to its checkpointed length, with its maps restored. */
+  static async resume(path: string, virtualSize: number, options: CreateOptions, state: unknown): Promise<Qcow2Writer> {
+    const layout = parseCreateOptions(virtualSize, options);
+    const s = state as Partial<Qcow2Checkpoint> | null;
+    if (
+      !s ||
+      typeof s.tempPath !== 'string' ||
+      !Number.isSafeInteger(s.tail) ||
+      typeof s.refs !== 'string' ||
+      !Array.isArray(s.tables)
+    ) {
+      throw new UsageError('invalid qcow2 checkpoint state', path);
+    }
+    if (layout.backingFile !== undefined || layout.preallocate || options.compress) {
+      throw new UsageError('only plain qcow2 outputs can be resumed', path);
+    }
+    const n = layout.l2Entries;
+    const tables = new Map<number, L2Build>();
+    for (const row of s.tables) {
+      const [idx, kind, host, csize, alloc, zero] = row;
+      if (!Number.isSafeInteger(idx) || idx < 0 || idx >= layout.l1Size)
+        throw new UsageError('invalid qcow2 checkpoint state', path);
+      const t: L2Build = {
+        kind: new Uint8Array(unb64(kind, 1)),
+        host: new Float64Array(unb64(host, 8)),
+        csize: new Uint32Array(unb64(csize, 4)),
+      };
+      if (layout.extL2) {
+        t.alloc = new Uint32Array(unb64(alloc ?? '', 4));
+        t.zero = new Uint32Array(unb64(zero ?? '', 4));
+      }
+      if (
+        t.kind.length !== n ||
+        t.host.length !== n ||
+        t.csize.length !== n ||
+        (t.alloc && (t.alloc.length !== n || t.zero!.length !== n))
+      ) {
+        throw new UsageError('invalid qcow2 checkpoint state', path);
+      }
+      tables.set(idx, t);
+    }
+    const w = new Qcow2Writer(
+      path,
+      new AtomicFileSink(path, { tempPath: s.tempPath, length: s.tail! }),
+      virtualSize,
+      layout,
+      false,
+    );
+    for (const [idx, t] of tables) w.tables.set(idx, t);
+    w.refs.restore(s.refs);
+    w.tail = s.tail!;
+    return w;
   }
 
   async abort(): Promise<void> {
