@@ -215,7 +215,7 @@ describe('NBD client vs qemu-nbd', () => {
       try {
         const reader = await openImage(server.uri);
         try {
-          assert.equal((reader.details.formatSpecific?.data as { tls: boolean }).tls, true);
+          assert.equal((reader.details.formatSpecific?.data as { tls?: boolean } | undefined)?.tls, true);
           assert.equal(await sha256OfReader(reader), await sha256ViaQemu(source, 'raw'));
         } finally {
           await reader.close();
