@@ -5,7 +5,7 @@
  * Everything is built in a hidden staging folder (see staging.ts): a run killed at any point leaves
  * no half result in DIR, and running it again completes.
  */
-import { readdirSync, rmSync, statfsSync, statSync, writeFileSync } from 'node:fs';
+import { readdirSync, readFileSync, renameSync, rmSync, statfsSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { type CopyProgress, copyDisk } from '../convert/pipeline.js';
 import { CorruptImageError, UnsupportedFeatureError, UsageError, VmferryError } from '../disk/errors.js';
@@ -272,7 +272,13 @@ export async function migrateVm(req: MigrateRequest): Promise<MigrateReport> {
     });
 
     // 5. descriptor
-    const written = await stage('descriptor', () => writer.write(model, targetDisks, staging.dir));
+    const written = await stage('descriptor', async () => {
+      const files = await writer.write(model, targetDisks, staging.dir);
+      // Writers see the staging folder as their output folder; descriptors that name files by
+      // absolute path must name where the files will live once the result is moved into DIR.
+      for (const f of files) relocate(join(staging.dir, f), staging.dir, staging.outDir);
+      return files;
+    });
     const packaged = written.some((f) => /\.ova$/i.test(f));
     const files = [...(packaged ? [] : targetDisks.map((d) => d.fileName)), ...written];
 
@@ -432,4 +438,22 @@ async function readPackagedDisks(ova: string): Promise<VmModel> {
     if (err instanceof VmferryError) throw err;
     throw new CorruptImageError(`the written package cannot be read back: ${(err as Error).message}`, ova);
   }
+}
+
+/** Rewrites the staging folder's path to the final folder's in a text descriptor (never in binary files). */
+function relocate(file: string, from: string, to: string): void {
+  let st: ReturnType<typeof statSync>;
+  try {
+    st = statSync(file);
+  } catch {
+    return;
+  }
+  if (!st.isFile() || st.size > 16 * 1024 * 1024) return;
+  const data = readFileSync(file);
+  if (data.includes(0)) return;
+  const text = data.toString('utf8');
+  if (!text.includes(from)) return;
+  const tmp = `${file}.relocate-${process.pid}`;
+  writeFileSync(tmp, text.split(from).join(to), { mode: st.mode });
+  renameSync(tmp, file);
 }
