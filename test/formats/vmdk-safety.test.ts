@@ -96,7 +96,7 @@ test('corpus seSparse extent (no descriptor) probes as vmdk and reads as the REA
   await withReader(path, async (r) => {
     assert.equal(r.format, 'vmdk');
     assert.equal(r.virtualSize, 536870912);
-    assert.equal((r.details.formatSpecific?.data ?? {})['create-type'], 'seSparse');
+    assert.equal(r.details.formatSpecific?.data?.['create-type'], 'seSparse');
     assert.equal(r.details.clusterSize, 4096);
     assert.equal(await sha256OfReader(r), h.digest('hex'));
   });

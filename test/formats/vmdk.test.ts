@@ -31,7 +31,7 @@ describe('vmdk: realistic GPT+ext4 disk', () => {
       await withReader(out, async (r) => {
         assert.equal(r.format, 'vmdk');
         assert.equal(r.virtualSize, 256 * MiB);
-        assert.equal((r.details.formatSpecific?.data ?? {})['create-type'], sub);
+        assert.equal(r.details.formatSpecific?.data?.['create-type'], sub);
         assert.equal(await sha256OfReader(r), rawHash);
       });
     });
