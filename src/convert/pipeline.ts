@@ -38,8 +38,9 @@ export interface CopyStats {
  * ones; much smaller ones cost more in per-call overhead.
  */
 const DEFAULT_CHUNK = 1024 * 1024;
-/** Compressing writers: the unit of work sent to a worker thread (amortises the message cost). */
-const DEFAULT_COMPRESS_CHUNK = 4 * 1024 * 1024;
+/** Compressing writers: the unit of work sent to a worker thread (amortises the message cost; the
+ * read-ahead window holds a few of them, in and out, so it also sets the memory used). */
+const DEFAULT_COMPRESS_CHUNK = 2 * 1024 * 1024;
 
 type UnitKind = 'data' | 'zero' | 'same';
 
@@ -53,8 +54,10 @@ interface Processed {
   ops: WriteOp[];
   /** Guest bytes this piece covers, for progress. */
   covered: number;
-  /** The read buffer, back to the free list once the ops are written (plain copies only). */
+  /** The read buffer, back to the free list once the ops are written. */
   buffer?: Buffer;
+  /** Compressed output memory, back to the pool once the ops are written. */
+  output?: Buffer;
 }
 
 type Piece =
@@ -74,13 +77,10 @@ export async function copyDisk(reader: DiskReader, writer: DiskWriter, options: 
   const wanted = options.chunkSize ?? (compressing ? DEFAULT_COMPRESS_CHUNK : DEFAULT_CHUNK);
   const chunk = Math.max(unit, Math.floor(wanted / unit) * unit);
   const pool = compressing ? (options.pool ?? new CompressPool()) : null;
-  // Plain copies reuse their read buffers: fresh memory for every chunk costs page faults and GC.
+  // Read buffers are reused (writers give them back when write() resolves): fresh memory for
+  // every chunk costs page faults, and the collector lets hundreds of megabytes of it pile up.
   const free: Buffer[] = [];
-  const takeBuffer = (length: number): Buffer => {
-    if (pool) return Buffer.allocUnsafeSlow(length);
-    const b = free.pop() ?? Buffer.allocUnsafeSlow(chunk);
-    return b.length >= length ? b : Buffer.allocUnsafeSlow(length);
-  };
+  const takeBuffer = (): Buffer => free.pop() ?? Buffer.allocUnsafeSlow(chunk);
   const depth = options.readAhead ?? (pool ? pool.size * 2 + 2 : 4);
   const stats: CopyStats = { virtualSize: reader.virtualSize, dataBytes: 0, zeroBytes: 0 };
   const baseline = options.baseline;
@@ -94,12 +94,12 @@ export async function copyDisk(reader: DiskReader, writer: DiskWriter, options: 
         : [{ kind: 'zero', offset: piece.offset, length: piece.length }];
       return { ops, covered: piece.length };
     }
-    const buffer = takeBuffer(piece.length);
+    const buffer = takeBuffer();
     const data = await reader.read(piece.offset, piece.length, buffer.subarray(0, piece.length));
     const base = baseline ? await readBaseline(baseline, piece.offset, piece.length) : null;
     const runs = classify(piece.offset, data, base, unit);
     if (!pool || !runs.some((r) => r.kind === 'data')) {
-      return { ops: runsToOps(piece.offset, data, runs), covered: piece.length, buffer: pool ? undefined : buffer };
+      return { ops: runsToOps(piece.offset, data, runs), covered: piece.length, buffer };
     }
     // Each data cluster is compressed on its own: that is what the formats store.
     const ranges: [number, number][] = [];
@@ -108,7 +108,8 @@ export async function copyDisk(reader: DiskReader, writer: DiskWriter, options: 
       for (let s = r.start; s < r.end; s = nextBoundary(piece.offset, s, unit, r.end))
         ranges.push([s, nextBoundary(piece.offset, s, unit, r.end)]);
     }
-    const { chunk: back, outputs } = await pool.compress(writer.compression!, data, ranges);
+    // The whole buffer travels (its own memory, so it moves to the worker instead of being copied).
+    const { chunk: back, outputs, output } = await pool.compress(writer.compression!, buffer, ranges);
     const ops: WriteOp[] = [];
     let k = 0;
     for (const r of runs) {
@@ -121,7 +122,7 @@ export async function copyDisk(reader: DiskReader, writer: DiskWriter, options: 
       }
       ops.push({ kind: 'compressed', units });
     }
-    return { ops, covered: piece.length };
+    return { ops, covered: piece.length, buffer: back, output };
   };
 
   const window: Promise<Processed>[] = [];
@@ -158,7 +159,8 @@ export async function copyDisk(reader: DiskReader, writer: DiskWriter, options: 
         }
       }
       done += result.covered;
-      if (result.buffer && result.buffer.length === chunk) free.push(result.buffer);
+      if (result.buffer) free.push(result.buffer);
+      if (result.output) pool!.release(result.output);
       options.onProgress?.({ done, total: reader.virtualSize });
     }
   } finally {

@@ -87,7 +87,7 @@ export interface DiskWriter {
    * `clusterSize` bytes on worker threads and calls writeCompressed, in ascending order, instead of write.
    */
   readonly compression?: CodecSpec;
-  /** Units compressed with `compression`; buffers belong to the writer. */
+  /** Units compressed with `compression`; the buffers belong to the caller again once the promise resolves. */
   writeCompressed?(units: CompressedUnit[]): Promise<void>;
   /** The range reads as zero (on a new image without backing this is usually free). */
   zero(offset: number, length: number): Promise<void>;
