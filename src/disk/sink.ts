@@ -57,6 +57,9 @@ function processAlive(pid: number): boolean {
   }
 }
 
+/** Folders already swept by this process: a multi-file output (1025 extents) sweeps once, not 1025 times. */
+const sweptDirs = new Set<string>();
+
 /** Removes temp files that a killed vmferry left in `dir` (their process is gone). */
 export function removeStaleTemps(dir: string): string[] {
   const removed: string[] = [];
@@ -104,7 +107,10 @@ export class AtomicFileSink implements ByteSink {
     adopt?: { tempPath: string; length: number },
   ) {
     const dir = dirname(name);
-    if (!adopt) removeStaleTemps(dir);
+    if (!adopt && !sweptDirs.has(dir)) {
+      sweptDirs.add(dir);
+      removeStaleTemps(dir);
+    }
     this.tempPath = join(dir, `.${basename(name)}${TEMP_MARK}${process.pid}-${randomBytes(4).toString('hex')}`);
     try {
       if (adopt) {
@@ -164,13 +170,14 @@ export class AtomicFileSink implements ByteSink {
     this.state = 'flushed';
   }
 
-  async commit(): Promise<void> {
+  /** `syncDir` false: the caller syncs the folder once for a group of files (commitAll). */
+  async commit(syncDir = true): Promise<void> {
     await this.flush();
     if (this.state !== 'flushed') return;
     try {
       renameSync(this.tempPath, this.name);
       liveTemps.delete(this.tempPath);
-      syncDirectory(dirname(this.name));
+      if (syncDir) syncDirectory(dirname(this.name));
     } catch (err) {
       throw ioError(err, this.name);
     }
@@ -244,8 +251,23 @@ export class PipeSink implements ByteSink {
     await this.padTo(length);
   }
   async flush(): Promise<void> {}
-  async commit(): Promise<void> {}
-  async abort(): Promise<void> {}
+  /** Closes a FIFO this sink opened, so its reader sees end-of-file; stdout stays open. */
+  async commit(): Promise<void> {
+    this.close();
+  }
+  async abort(): Promise<void> {
+    this.close();
+  }
+  private closed = false;
+  private close(): void {
+    if (this.closed || this.fd === 1) return;
+    this.closed = true;
+    try {
+      closeSync(this.fd);
+    } catch {
+      // already closed
+    }
+  }
 }
 
 function pwriteStream(fd: number, buf: Buffer): Promise<void> {
@@ -286,5 +308,12 @@ export function openSink(name: string): ByteSink {
 /** Commits several sinks as one result: all flushed first, then renamed in the given order. */
 export async function commitAll(sinks: ByteSink[]): Promise<void> {
   for (const s of sinks) await s.flush();
-  for (const s of sinks) await s.commit();
+  const dirs = new Set<string>();
+  for (const s of sinks) {
+    if (s instanceof AtomicFileSink) {
+      await s.commit(false);
+      dirs.add(dirname(s.name));
+    } else await s.commit();
+  }
+  for (const d of dirs) syncDirectory(d);
 }
