@@ -303,8 +303,21 @@ export async function migrateVm(req: MigrateRequest): Promise<MigrateReport> {
             contentDigest(r, { onBytes: tick }),
           ),
           withReader(targetOpen, async (r) => {
-            if (r.virtualSize !== p.capacity) {
-              throw new CorruptImageError(`target disk is ${r.virtualSize} bytes, expected ${p.capacity}`, p.fileName);
+            if (r.virtualSize < p.capacity) {
+              throw new CorruptImageError(
+                `target disk is ${r.virtualSize} bytes, smaller than the ${p.capacity} planned`,
+                p.fileName,
+              );
+            }
+            if (r.virtualSize > p.capacity) {
+              // Some formats round the size up (VHD to its CHS geometry unless force_size=on): the
+              // guest sees a slightly larger disk whose added bytes must read as zeros.
+              mapped.notes.push({
+                from: `disk${i} size ${p.capacity} bytes`,
+                to: `${r.virtualSize} bytes`,
+                why: `the ${format} format rounded the disk size up; the added bytes read as zeros`,
+              });
+              p.capacity = r.virtualSize;
             }
             return contentDigest(r, { length: p.look.virtualSize, onBytes: tick });
           }),

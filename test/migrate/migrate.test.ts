@@ -194,6 +194,49 @@ describe('migrate to every target', () => {
   }
 });
 
+describe('migrate between platforms in a chain, and Hyper-V generations', () => {
+  test("VMX -> OVA -> libvirt -> VirtualBox -> Hyper-V: every hop reads the last one's output, same guest content", async () => {
+    const rawSha = await sha256File(fullVm.raw);
+    let source = fullVm.vmx;
+    const hops: [string, (out: string) => string][] = [
+      ['ova', (out) => join(out, 'web01.ova')],
+      ['libvirt', (out) => join(out, 'web01.xml')],
+      ['virtualbox', (out) => join(out, 'web01.vbox')],
+      ['hyperv', (out) => out],
+    ];
+    const readers: string[] = [];
+    for (const [target, next] of hops) {
+      const out = join(dir, `chain-${target}`);
+      const r = migrate(source, target, out, '--output=json');
+      assert.equal(r.code, 0, `${target}: ${r.stderr}`);
+      const report = JSON.parse(r.stdout);
+      readers.push(report.sourceReader);
+      assert.equal(report.disks[0].sourceSha256, rawSha, `${target}: source content`);
+      assert.equal(report.disks[0].targetSha256, rawSha, `${target}: target content`);
+      assert.equal(report.firmware, 'uefi');
+      source = next(out);
+    }
+    assert.deepEqual(readers, ['vmware', 'ovf', 'libvirt', 'virtualbox']);
+  });
+
+  test('a BIOS VM onto Hyper-V is Generation 1: VHD disk on IDE', () => {
+    const vm = vmwareVm({ name: 'gen1' });
+    const out = join(dir, 'gen1-hyperv');
+    const r = migrate(vm.vmx, 'hyperv', out, '--output=json');
+    assert.equal(r.code, 0, r.stderr);
+    const report = JSON.parse(r.stdout);
+    assert.equal(report.targetModel.generation, 1);
+    assert.equal(report.targetModel.disks[0].bus, 'ide');
+    // The VHD is rounded up to its CHS geometry (as qemu-img does without force_size): named in the report.
+    const grown = report.mappings.find((m: { from: string }) => m.from === 'disk0 size 33554432 bytes');
+    if (report.disks[0].capacity !== 32 * MiB) assert.ok(grown, 'a size change is reported');
+    assert.ok(readdirSync(out).includes('gen1-disk0.vhd'));
+    assert.equal(JSON.parse(qemuImg('info', '--output=json', join(out, 'gen1-disk0.vhd'))).format, 'vpc');
+    assert.equal(run('qemu-img', ['compare', '-f', 'raw', '-F', 'vpc', vm.raw, join(out, 'gen1-disk0.vhd')]).code, 0);
+    assert.match(readFileSync(join(out, 'gen1.ps1'), 'utf8'), /-Generation 1/);
+  });
+});
+
 describe('inspect', () => {
   test('a VMX: the model, the disk and its partition table (human and JSON)', () => {
     const human = vmferry('inspect', fullVm.vmx);
@@ -225,6 +268,23 @@ describe('inspect', () => {
     const m = migrate(vm.vmx, 'qemu', join(dir, 'mismatch-out'), '--output=json');
     assert.equal(m.code, 0, m.stderr);
     assert.ok(JSON.parse(m.stdout).warnings.some((w: string) => /says BIOS but the boot disk looks UEFI/.test(w)));
+  });
+
+  test('corpus descriptors whose disks are not in the corpus: read, with the missing disk named', () => {
+    const t = tmpDir();
+    const vbox = vmferry('inspect', corpusFile('virtualbox/GOAD-DC01.vbox', t));
+    assert.equal(vbox.code, 0, vbox.stderr);
+    assert.match(vbox.stdout, /^guest: Windows Server 2016 \(64-bit\)/m);
+    assert.match(vbox.stdout, /^nic0: e1000 \(82540EM\) mac 08:00:27:7a:a2:fc/m);
+    assert.match(vbox.stdout, /^warning: disk0: cannot be opened: .*\{e6800503-8273-4f16-b584-c7ba2c1df698\}\.vmdk/m);
+    const hv = vmferry('inspect', '--output=json', corpusFile('hyperv/test.vmcx', t));
+    assert.equal(hv.code, 0, hv.stderr);
+    assert.equal(JSON.parse(hv.stdout).model.generation, 1);
+    // migrate refuses what it cannot copy, naming the file, and leaves nothing.
+    const m = migrate(join(t, 'GOAD-DC01.vbox'), 'libvirt', join(t, 'out'));
+    assert.equal(m.code, 1);
+    assert.match(m.stderr, /^vmferry: .*\{e6800503-8273-4f16-b584-c7ba2c1df698\}\.vmdk: No such file or directory\n$/);
+    assert.equal(existsSync(join(t, 'out')), false);
   });
 
   test('a bare disk image', () => {
