@@ -75,6 +75,8 @@ export interface Estimate {
   rtt: number;
   seconds?: Interval;
   limitedBy?: 'network' | 'cpu';
+  /** The final read-back and digest on the agent (reading is counted at hashing speed twice). */
+  verifySeconds?: number;
   precopy?: PrecopyEstimate;
 }
 
@@ -143,6 +145,7 @@ export async function estimateTransfer(reader: DiskReader, o: EstimateOptions = 
   let sampledRaw = 0;
   let sampledWire = 0;
   let cpuSeconds = 0;
+  let hashSeconds = 0;
   let pi = 0;
   let blocksBefore = 0;
   for (let i = 0; i < n; i++) {
@@ -158,7 +161,9 @@ export async function estimateTransfer(reader: DiskReader, o: EstimateOptions = 
     const t0 = performance.now();
     // The sender hashes each block twice (content digest, chunk digest) and compresses it.
     createHash('sha256').update(block).digest();
+    const t1 = performance.now();
     createHash('sha256').update(block).digest();
+    hashSeconds += (performance.now() - t1) / 1000;
     const w = wireSize(block, codec, o.level);
     cpuSeconds += (performance.now() - t0) / 1000;
     ratios.push(w / len);
@@ -194,10 +199,13 @@ export async function estimateTransfer(reader: DiskReader, o: EstimateOptions = 
     const cpu = readBytes / cpuBytesPerSecond;
     // Requests overlap over the streams: latency costs one round trip per `streams` chunks, plus begin and finish.
     const latency = (Math.ceil(requests / streams) + 2) * rtt;
-    const time = (wire: number) => Math.max(wire / bw + latency, cpu);
+    // At the end the agent reads the finished image back and hashes it before answering.
+    const verify = hashSeconds > 0 ? readBytes * (hashSeconds / sampledRaw) * 2 : 0;
+    const time = (wire: number) => Math.max(wire / bw + latency, cpu) + verify;
     est.bandwidth = bw;
     est.seconds = { mean: time(wireBytes.mean), low: time(wireBytes.low), high: time(wireBytes.high) };
     est.limitedBy = wireBytes.mean / bw + latency >= cpu ? 'network' : 'cpu';
+    est.verifySeconds = verify;
     if (o.dirtyRate !== undefined)
       est.precopy = precopy(allocatedBytes, o.dirtyRate, bw / Math.max(ratio.mean, 1e-6), ratio.mean, o);
   } else if (o.dirtyRate !== undefined) {
