@@ -9,7 +9,7 @@ import { deflateSync } from 'node:zlib';
 import { UsageError, VmferryError } from '../../disk/errors.js';
 import { checkKnownOptions, parseBoolOption } from '../../disk/options.js';
 import { AtomicFileSink, type ByteSink, commitAll, openSink } from '../../disk/sink.js';
-import type { CreateOptions, DiskWriter } from '../../disk/types.js';
+import type { CodecSpec, CompressedUnit, CreateOptions, DiskWriter } from '../../disk/types.js';
 import {
   COMPRESSION_DEFLATE,
   encodeGrain,
@@ -514,6 +514,8 @@ class MultiExtentWriter implements DiskWriter {
 class StreamOptimizedWriter implements DiskWriter {
   readonly clusterSize = GRAIN_BYTES;
   readonly sequentialOnly = true;
+  /** Grains are deflated in the zlib format at zlib's defaults, on the pipeline's workers. */
+  readonly compression: CodecSpec = { codec: 'zlib' };
   private pos = 0;
   private readonly capacity: number;
   private readonly gd: Buffer;
@@ -561,8 +563,12 @@ class StreamOptimizedWriter implements DiskWriter {
     await this.emit(head);
   }
 
+  /** While writeCompressed runs: what it emits, written as one at its end. */
+  private batch: Buffer[] | null = null;
+
   private async emit(buf: Buffer): Promise<void> {
-    await this.sink.write(buf, this.pos);
+    if (this.batch) this.batch.push(buf);
+    else await this.sink.write(buf, this.pos);
     this.pos += buf.length;
   }
 
@@ -570,18 +576,23 @@ class StreamOptimizedWriter implements DiskWriter {
     if (this.gtIndex < 0 || !this.gtUsed) return;
     await this.emit(encodeMetaMarker((GTES_PER_GT * 4) / SECTOR, MARKER_GT));
     this.gd.writeUInt32LE(this.pos / SECTOR, this.gtIndex * 4);
-    await this.emit(Buffer.from(this.gt.buffer));
+    // A copy: the table is reused at once, and a batched emit writes later.
+    await this.emit(Buffer.from(this.gt.buffer.slice(0)));
     this.gt.fill(0);
     this.gtUsed = false;
   }
 
   private async emitGrain(grain: number, data: Buffer): Promise<void> {
+    await this.emitEncoded(grain, compressGrain(grain * GRAIN_SECTORS, data));
+  }
+
+  /** A grain already framed by encodeGrain. */
+  private async emitEncoded(grain: number, encoded: Buffer): Promise<void> {
     const gt = Math.floor(grain / GTES_PER_GT);
     if (gt !== this.gtIndex) {
       await this.finishTable();
       this.gtIndex = gt;
     }
-    const encoded = compressGrain(grain * GRAIN_SECTORS, data);
     this.gt[grain % GTES_PER_GT] = this.pos / SECTOR;
     this.gtUsed = true;
     await this.emit(encoded);
@@ -625,6 +636,45 @@ class StreamOptimizedWriter implements DiskWriter {
       }
       pos += n;
     }
+  }
+
+  /**
+   * Whole grains the pipeline deflated (zlib format, as compressGrain does) on worker threads;
+   * framed and emitted exactly as write() would, so the file is byte-for-byte the same. Anything
+   * else (a short last grain, a grain being gathered) takes write()'s path.
+   */
+  async writeCompressed(units: CompressedUnit[]): Promise<void> {
+    try {
+      this.batch = [];
+      let start = this.pos;
+      for (const u of units) {
+        const grain = Math.floor(u.offset / GRAIN_BYTES);
+        if (u.offset % GRAIN_BYTES !== 0 || u.raw.length !== GRAIN_BYTES || this.pending?.grain === grain) {
+          await this.writeBatch(start);
+          this.batch = null;
+          await this.write(u.offset, u.raw);
+          this.batch = [];
+          start = this.pos;
+          continue;
+        }
+        this.refuseBackwards(u.offset);
+        if (u.offset + GRAIN_BYTES > this.virtualSize)
+          throw new VmferryError(`write beyond the virtual size ${this.virtualSize}`, this.sink.name);
+        if (this.pending) await this.flushPending();
+        await this.emitEncoded(grain, encodeGrain(grain * GRAIN_SECTORS, u.packed));
+      }
+      await this.writeBatch(start);
+    } finally {
+      this.batch = null;
+    }
+  }
+
+  /** Writes what was batched since `start` in one call. */
+  private async writeBatch(start: number): Promise<void> {
+    const b = this.batch;
+    if (!b || b.length === 0) return;
+    this.batch = [];
+    await this.sink.write(b.length === 1 ? b[0]! : Buffer.concat(b), start);
   }
 
   async zero(offset: number, length: number): Promise<void> {
