@@ -4,11 +4,13 @@ import { humanSummary } from '../migrate/report.js';
 import { targetWriters } from '../vm/registry.js';
 import { mergeOptionStrings, openingOptions, outputMode, outputOption, parse, positionals, printJson } from './common.js';
 import { readOptionsFrom, vmSourceOptions } from './inspect.js';
+import { warmMigrateCommand } from './migrate-warm.js';
 import { progressReporter } from './progress.js';
 
 export const usage = `vmferry migrate SOURCE --to ${targetWriters.map((w) => w.profile.target).join('|')} --out DIR [-p] [--disk-bus BUS] [--nic-model MODEL] [--disk-format FMT] [-o OPTIONS] [--force-firmware bios|uefi] [--allow-external-files] [--firmware bios|uefi] [--cpus N] [--memory SIZE] [--name NAME] [--output=human|json]`;
 
 export async function migrateCommand(args: string[]): Promise<number> {
+  if (args.includes('--warm')) return warmMigrateCommand(args);
   const { values, positionals: pos } = parse(
     args,
     {
@@ -57,6 +59,10 @@ export async function migrateCommand(args: string[]): Promise<number> {
     forceFirmware: force,
     onProgress,
     onStage: (s) => {
+      // A stage ends the previous one's bar before anything else is printed.
+      bar?.stop();
+      bar = undefined;
+      barKey = '';
       if (values.progress && s !== 'convert' && s !== 'verify') process.stderr.write(`migrate: ${s}\n`);
     },
   });
