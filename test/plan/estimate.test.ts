@@ -46,7 +46,7 @@ test('pre-copy rounds follow V*(D/R)^i and stop when a round fits the downtime',
   assert.equal(p.converges, true);
   const want = [1000, 100, 10, 1];
   assert.equal(p.rounds.length, want.length);
-  p.rounds.forEach((r, i) => assert.ok(Math.abs(r.bytes - want[i]!) < 1e-9, `round ${i}: ${r.bytes}`));
+  for (const [i, r] of p.rounds.entries()) assert.ok(Math.abs(r.bytes - want[i]!) < 1e-9, `round ${i}: ${r.bytes}`);
   assert.ok(Math.abs(p.downtimeSeconds - 0.01) < 1e-12);
   assert.ok(Math.abs(p.totalBytes - 1111) < 1e-9);
   const n = precopy(V, 150, 100, 1);
