@@ -23,10 +23,13 @@ export const hypervProfile: TargetProfile = {
   diskExtension: 'vhdx',
 };
 
-/** The profile for one VM: Generation 2 (UEFI) gets dynamic VHDX, Generation 1 (BIOS) dynamic VHD. */
+/**
+ * The profile for one VM: Generation 2 (UEFI) gets dynamic VHDX, Generation 1 (BIOS) dynamic VHD
+ * with force_size, so the disk keeps its exact size instead of growing to a CHS geometry.
+ */
 export function hypervProfileFor(model: Pick<VmModel, 'firmware'>): TargetProfile {
   if (model.firmware === 'uefi') return hypervProfile;
-  return { ...hypervProfile, diskFormat: 'vpc', diskOptions: { subformat: 'dynamic' }, diskExtension: 'vhd' };
+  return { ...hypervProfile, diskFormat: 'vpc', diskOptions: { subformat: 'dynamic', force_size: 'on' }, diskExtension: 'vhd' };
 }
 
 export function hypervScript(model: VmModel, disks: TargetDisk[], outDir: string): string {
