@@ -6,7 +6,7 @@
  */
 import { spawnSync } from 'node:child_process';
 import { existsSync, mkdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
-import { cpus, totalmem } from 'node:os';
+import { cpus, loadavg, totalmem } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
@@ -99,8 +99,11 @@ interface Row {
   sizeRatio: number;
   vmferryPeakRssMiB: number;
   identical: boolean | null;
+  /** Set when a tool failed: the case is reported, the run goes on. */
+  failed?: string;
 }
 
+const loadAtStart = loadavg();
 const builders: Record<string, (c: string) => string> = { os: osWorkload, dense: denseWorkload, huge: hugeWorkload };
 const rows: Row[] = [];
 const only = values.only ? new RegExp(values.only) : null;
@@ -119,16 +122,41 @@ for (const workload of values.workloads!.split(',')) {
     const q: number[] = [];
     const v: number[] = [];
     let peak = 0;
-    for (let i = 0; i < runs; i++) {
+    let failed: string | undefined;
+    try {
+      for (let i = 0; i < runs; i++) {
+        rmSync(qOut, { force: true });
+        q.push(timed('qemu-img', ['convert', ...c.args, src, qOut]));
+        rmSync(vOut, { force: true });
+        rmSync(statsFile, { force: true });
+        v.push(
+          timed(process.execPath, [vmferryBin, 'convert', ...c.args, src, vOut], { ...process.env, VMFERRY_STATS: statsFile }),
+        );
+        const stats = JSON.parse(readFileSync(statsFile, 'utf8').trim().split('\n').pop()!) as { maxRssBytes: number };
+        peak = Math.max(peak, stats.maxRssBytes);
+      }
+    } catch (err) {
+      failed = (err as Error).message.split('\n')[0]!;
+    }
+    if (failed || !existsSync(qOut) || !existsSync(vOut)) {
+      failed ??= `no output (${existsSync(qOut) ? 'vmferry' : 'qemu-img'})`;
+      rows.push({
+        workload,
+        case: c.name,
+        qemuSeconds: Number.NaN,
+        vmferrySeconds: Number.NaN,
+        ratio: Number.NaN,
+        qemuBytes: 0,
+        vmferryBytes: 0,
+        sizeRatio: Number.NaN,
+        vmferryPeakRssMiB: peak / 2 ** 20,
+        identical: null,
+        failed,
+      });
+      process.stdout.write(`${workload.padEnd(6)} ${c.name.padEnd(32)} FAILED: ${failed}\n`);
       rmSync(qOut, { force: true });
-      q.push(timed('qemu-img', ['convert', ...c.args, src, qOut]));
       rmSync(vOut, { force: true });
-      rmSync(statsFile, { force: true });
-      v.push(
-        timed(process.execPath, [vmferryBin, 'convert', ...c.args, src, vOut], { ...process.env, VMFERRY_STATS: statsFile }),
-      );
-      const stats = JSON.parse(readFileSync(statsFile, 'utf8').trim().split('\n').pop()!) as { maxRssBytes: number };
-      peak = Math.max(peak, stats.maxRssBytes);
+      continue;
     }
     let identical: boolean | null = null;
     if (!values['no-verify']) identical = spawnSync('qemu-img', ['compare', '-q', src, vOut]).status === 0;
@@ -154,14 +182,16 @@ for (const workload of values.workloads!.split(',')) {
 }
 
 const machine = `${cpus().length} x ${cpus()[0]?.model ?? 'cpu'}, ${(totalmem() / 2 ** 30).toFixed(0)} GiB, ${spawnSync('qemu-img', ['--version'], { encoding: 'utf8' }).stdout.split('\n')[0]}, node ${process.version}`;
+const load = (l: number[]) => l.map((x) => x.toFixed(1)).join(' ');
 const table = [
-  `Measured ${new Date().toISOString().slice(0, 10)} on ${machine}; median of ${runs} alternating runs; ratio = vmferry / qemu-img wall time.`,
+  `Measured ${new Date().toISOString().slice(0, 10)} on ${machine}; median of ${runs} alternating runs; ratio = vmferry / qemu-img wall time; load average ${load(loadAtStart)} at the start, ${load(loadavg())} at the end.`,
   '',
-  '| workload | case | qemu-img s | vmferry s | ratio | vmferry / qemu-img size | vmferry peak RSS |',
-  '|---|---|---:|---:|---:|---:|---:|',
-  ...rows.map(
-    (r) =>
-      `| ${r.workload} | ${r.case} | ${r.qemuSeconds.toFixed(2)} | ${r.vmferrySeconds.toFixed(2)} | ${r.ratio.toFixed(2)} | ${(r.vmferryBytes / 2 ** 20).toFixed(1)} / ${(r.qemuBytes / 2 ** 20).toFixed(1)} MiB | ${r.vmferryPeakRssMiB.toFixed(0)} MiB |`,
+  '| workload | case | qemu-img s | vmferry s | ratio | vmferry / qemu-img size | vmferry peak RSS | content |',
+  '|---|---|---:|---:|---:|---:|---:|---|',
+  ...rows.map((r) =>
+    r.failed
+      ? `| ${r.workload} | ${r.case} | | | | | | FAILED: ${r.failed.replace(/\|/g, '/')} |`
+      : `| ${r.workload} | ${r.case} | ${r.qemuSeconds.toFixed(2)} | ${r.vmferrySeconds.toFixed(2)} | ${r.ratio.toFixed(2)} | ${(r.vmferryBytes / 2 ** 20).toFixed(1)} / ${(r.qemuBytes / 2 ** 20).toFixed(1)} MiB (${r.sizeRatio.toFixed(3)}) | ${r.vmferryPeakRssMiB.toFixed(0)} MiB | ${r.identical === null ? 'not checked' : r.identical ? 'identical' : 'MISMATCH'} |`,
   ),
 ].join('\n');
 writeFileSync(join(cache, 'results.md'), `${table}\n`);
