@@ -168,7 +168,8 @@ async function runCheck(source: FileSource, _options: OpenOptions): Promise<Chec
   const bits = 2 ** h.refcountOrder;
   const perBlock = (cs * 8) / bits;
   const blockOffsets: number[] = [];
-  for (let i = 0; i * 8 < table.length; i++) {
+  // Whole entries only: a table cut short by the end of the file may end mid-entry.
+  for (let i = 0; i * 8 + 8 <= table.length; i++) {
     const off = entryOffset(table.readUInt32BE(i * 8), table.readUInt32BE(i * 8 + 4));
     blockOffsets.push(off);
     if (off === 0) continue;
