@@ -1,13 +1,16 @@
 import { UsageError } from '../disk/errors.js';
 import { type MigrateProgress, migrateVm } from '../migrate/migrate.js';
+import { isRemoteOut } from '../migrate/remote.js';
 import { humanSummary } from '../migrate/report.js';
+import { WIRE_CODECS, type WireCodec } from '../transfer/protocol.js';
+import { readToken } from '../transfer/security.js';
 import { targetWriters } from '../vm/registry.js';
 import { mergeOptionStrings, openingOptions, outputMode, outputOption, parse, positionals, printJson } from './common.js';
 import { readOptionsFrom, vmSourceOptions } from './inspect.js';
 import { warmMigrateCommand } from './migrate-warm.js';
 import { progressReporter } from './progress.js';
 
-export const usage = `vmferry migrate SOURCE --to ${targetWriters.map((w) => w.profile.target).join('|')} --out DIR [-p] [--disk-bus BUS] [--nic-model MODEL] [--disk-format FMT] [-o OPTIONS] [--force-firmware bios|uefi] [--allow-external-files] [--firmware bios|uefi] [--cpus N] [--memory SIZE] [--name NAME] [--output=human|json]`;
+export const usage = `vmferry migrate SOURCE --to ${targetWriters.map((w) => w.profile.target).join('|')} --out DIR|https://HOST:PORT/PREFIX [--token-file F] [--fingerprint SHA256] [-c zstd|zlib|none] [--streams N] [-p] [--disk-bus BUS] [--nic-model MODEL] [--disk-format FMT] [-o OPTIONS] [--force-firmware bios|uefi] [--allow-external-files] [--firmware bios|uefi] [--cpus N] [--memory SIZE] [--name NAME] [--output=human|json]`;
 
 export async function migrateCommand(args: string[]): Promise<number> {
   if (args.includes('--warm')) return warmMigrateCommand(args);
@@ -25,6 +28,10 @@ export async function migrateCommand(args: string[]): Promise<number> {
       'disk-format': { type: 'string' },
       options: { type: 'string', short: 'o', multiple: true },
       'force-firmware': { type: 'string' },
+      'token-file': { type: 'string' },
+      fingerprint: { type: 'string' },
+      compress: { type: 'string', short: 'c' },
+      streams: { type: 'string' },
     },
     usage,
   );
@@ -34,6 +41,20 @@ export async function migrateCommand(args: string[]): Promise<number> {
   const force = values['force-firmware'];
   if (force !== undefined && force !== 'bios' && force !== 'uefi') {
     throw new UsageError(`--force-firmware must be bios or uefi, not '${force}'`);
+  }
+  let remote: { token: string; fingerprint?: string; codec: WireCodec; streams?: number } | undefined;
+  if (isRemoteOut(values.out)) {
+    const codec = (values.compress ?? 'zstd') as WireCodec;
+    if (!WIRE_CODECS.includes(codec))
+      throw new UsageError(`-c must be one of ${WIRE_CODECS.join(', ')}, not '${values.compress}'`);
+    const token = values['token-file'] ? readToken(values['token-file']) : process.env.VMFERRY_TOKEN?.trim();
+    if (!token) throw new UsageError('--out is a URL: give the agent token with --token-file F or VMFERRY_TOKEN');
+    const streams = values.streams === undefined ? undefined : Number(values.streams);
+    if (streams !== undefined && (!Number.isInteger(streams) || streams < 1 || streams > 64))
+      throw new UsageError('--streams must be 1 to 64');
+    remote = { token, fingerprint: values.fingerprint, codec, streams };
+  } else if (values['token-file'] || values.fingerprint || values.compress || values.streams) {
+    throw new UsageError('--token-file, --fingerprint, -c and --streams apply only to --out https://HOST:PORT/PREFIX');
   }
   const mode = outputMode(values.output);
   let bar: ReturnType<typeof progressReporter> | undefined;
@@ -52,6 +73,7 @@ export async function migrateCommand(args: string[]): Promise<number> {
     source: source!,
     target: values.to,
     outDir: values.out,
+    remote,
     diskBus: values['disk-bus'],
     nicModel: values['nic-model'],
     diskFormat: values['disk-format'],
@@ -63,7 +85,7 @@ export async function migrateCommand(args: string[]): Promise<number> {
       bar?.stop();
       bar = undefined;
       barKey = '';
-      if (values.progress && s !== 'convert' && s !== 'verify') process.stderr.write(`migrate: ${s}\n`);
+      if (values.progress && s !== 'convert' && s !== 'verify' && s !== 'send') process.stderr.write(`migrate: ${s}\n`);
     },
   });
   bar?.stop();

@@ -14,6 +14,7 @@ import type { DiskReader } from '../disk/types.js';
 import { azureSize } from '../formats/vpc/index.js';
 import { convertImage } from '../ops/convert.js';
 import { openVmDisk } from '../package/member.js';
+import type { SendResult } from '../transfer/client.js';
 import type { ReadVmOptions, TargetDisk, TargetProfile, TargetWriter } from '../vm/dialect.js';
 import { type MappingOverrides, mapModel } from '../vm/mapping.js';
 import { type Firmware, safeVmName, type TranslationNote, type VmModel } from '../vm/model.js';
@@ -22,6 +23,16 @@ import { detectVmReader, targetWriter } from '../vm/registry.js';
 import * as hypervTargetModule from '../vm/targets/hyperv.js';
 import { contentDigest } from './hash.js';
 import { firmwareWarnings, lookAtDisk, readVm } from './inspect.js';
+import {
+  isRemoteOut,
+  openRemoteStaging,
+  parseRemoteOut,
+  type RemoteOptions,
+  remoteFileUrl,
+  sendDisk,
+  uploadFiles,
+  writeRemoteOvf,
+} from './remote.js';
 import { humanSummary } from './report.js';
 import { abortStaging, abortStagingSync, commitStaging, openStaging } from './staging.js';
 
@@ -29,7 +40,10 @@ export interface MigrateRequest extends ReadVmOptions {
   source: string;
   /** libvirt, qemu, proxmox, vmware, ova, virtualbox, hyperv, azure */
   target: string;
+  /** A local folder, or https://HOST:PORT/PREFIX (http:// to an --insecure loopback agent): see remote.ts. */
   outDir: string;
+  /** How to reach the agent when outDir is a URL (the token is required then). */
+  remote?: RemoteOptions;
   /** --disk-bus */
   diskBus?: string;
   /** --nic-model */
@@ -47,7 +61,7 @@ export interface MigrateRequest extends ReadVmOptions {
 }
 
 export interface MigrateProgress {
-  stage: 'convert' | 'verify';
+  stage: 'convert' | 'verify' | 'send';
   disk: number;
   disks: number;
   done: number;
@@ -74,6 +88,22 @@ export interface DiskReport {
   targetFileBytes: number;
   sourceSha256: string;
   targetSha256: string;
+  /**
+   * What sourceSha256/targetSha256 hold: absent = SHA-256 of the guest content; 'vmferry-transfer'
+   * = the transfer's content digest (src/transfer/digest.ts), computed by the sender from the
+   * source and by the agent from the image it wrote (a remote --out).
+   */
+  digestAlgorithm?: 'vmferry-transfer';
+  /** A remote --out: how the disk travelled. */
+  transfer?: {
+    url: string;
+    wireBytes: number;
+    dataBytes: number;
+    resentBytes: number;
+    resumedAt: number;
+    seconds: number;
+    fileSha256?: string;
+  };
   verified: boolean;
   convertSeconds: number;
 }
@@ -90,6 +120,8 @@ export interface MigrateReport {
   sourceReader: string;
   target: string;
   outDir: string;
+  /** A remote --out: the folder on the agent holding the result (ROOT/PREFIX, as the agent reports it). */
+  agentDir?: string;
   name: string;
   firmware: Firmware;
   /** The model as read from the source. */
@@ -164,6 +196,9 @@ export async function migrateVm(req: MigrateRequest): Promise<MigrateReport> {
     }
   };
   const writer = targetWriter(req.target);
+  const remote = isRemoteOut(req.outDir) ? parseRemoteOut(req.outDir, writer.profile.target) : undefined;
+  if (remote && !req.remote?.token)
+    throw new UsageError('--out is a URL: give the agent token with --token-file or VMFERRY_TOKEN');
   const readOptions: ReadVmOptions = {
     allowExternalFiles: req.allowExternalFiles,
     firmware: req.firmware,
@@ -222,11 +257,12 @@ export async function migrateVm(req: MigrateRequest): Promise<MigrateReport> {
       });
     }
   }
-  const staging = openStaging(req.outDir);
+  const staging = remote ? openRemoteStaging(remote) : openStaging(req.outDir);
   const onExit = () => abortStagingSync(staging);
   process.on('exit', onExit);
   try {
     await stage('plan', async () => {
+      if (remote) return; // the agent's free space is not known here
       const needed = plan.reduce((s, p) => s + (p.look.allocatedBytes ?? 0), 0);
       try {
         const fs = statfsSync(staging.dir);
@@ -244,35 +280,75 @@ export async function migrateVm(req: MigrateRequest): Promise<MigrateReport> {
     // 4. convert
     const targetDisks: TargetDisk[] = [];
     const convertSeconds: number[] = [];
-    await stage('convert', async () => {
-      for (const p of plan) {
-        const i = p.look.index;
-        const disk = model.disks[i]!;
-        const out = join(staging.dir, p.fileName);
-        const onProgress = (cp: CopyProgress) =>
-          req.onProgress?.({ stage: 'convert', disk: i, disks: plan.length, done: cp.done, total: cp.total });
-        const t0 = process.hrtime.bigint();
-        if (disk.stored) {
-          await convertStored(disk, out, format, createOptions, p.capacity, req.allowExternalFiles, onProgress);
-        } else {
-          await convertImage({
-            source: disk.path,
-            target: out,
-            sourceFormat: disk.format,
-            targetFormat: format,
-            options: createOptions,
-            targetSize: p.capacity,
-            allowExternalFiles: req.allowExternalFiles,
-            onProgress,
-          });
+    const sent = new Map<number, SendResult>();
+    if (remote) {
+      await stage('send', async () => {
+        for (const p of plan) {
+          const i = p.look.index;
+          const disk = model.disks[i]!;
+          if (p.capacity !== p.look.virtualSize)
+            throw new UsageError(`disk${i}: target ${profile.target} changes the disk size, which a remote --out does not do`);
+          const t0 = process.hrtime.bigint();
+          const result = await sendDisk(
+            remote,
+            req.remote!,
+            {
+              label: disk.stored ? `${disk.path}#${disk.stored.member}` : disk.path,
+              open: () => openVmDisk(disk, { allowExternalFiles: req.allowExternalFiles }),
+            },
+            p.fileName,
+            format,
+            createOptions,
+            profile.target === 'ova',
+            (done, total) => req.onProgress?.({ stage: 'send', disk: i, disks: plan.length, done, total }),
+          );
+          convertSeconds[i] = Number(process.hrtime.bigint() - t0) / 1e9;
+          sent.set(i, result);
+          targetDisks.push({ index: i, fileName: p.fileName, format, capacity: p.capacity });
         }
-        convertSeconds[i] = Number(process.hrtime.bigint() - t0) / 1e9;
-        targetDisks.push({ index: i, fileName: p.fileName, format, capacity: p.capacity });
-      }
-    });
+      });
+    }
+    if (!remote)
+      await stage('convert', async () => {
+        for (const p of plan) {
+          const i = p.look.index;
+          const disk = model.disks[i]!;
+          const out = join(staging.dir, p.fileName);
+          const onProgress = (cp: CopyProgress) =>
+            req.onProgress?.({ stage: 'convert', disk: i, disks: plan.length, done: cp.done, total: cp.total });
+          const t0 = process.hrtime.bigint();
+          if (disk.stored) {
+            await convertStored(disk, out, format, createOptions, p.capacity, req.allowExternalFiles, onProgress);
+          } else {
+            await convertImage({
+              source: disk.path,
+              target: out,
+              sourceFormat: disk.format,
+              targetFormat: format,
+              options: createOptions,
+              targetSize: p.capacity,
+              allowExternalFiles: req.allowExternalFiles,
+              onProgress,
+            });
+          }
+          convertSeconds[i] = Number(process.hrtime.bigint() - t0) / 1e9;
+          targetDisks.push({ index: i, fileName: p.fileName, format, capacity: p.capacity });
+        }
+      });
 
     // 5. descriptor
     const written = await stage('descriptor', async () => {
+      if (remote) {
+        // Written locally as for a local run, then made to name the disks where they landed.
+        const files =
+          profile.target === 'ova'
+            ? writeRemoteOvf(model, name, targetDisks, sent, staging.dir)
+            : await writer.write(model, targetDisks, staging.dir);
+        const agentDir = [...sent.values()].find((r) => r.agentDir)?.agentDir;
+        if (agentDir) for (const f of files) relocate(join(staging.dir, f), staging.dir, agentDir);
+        else if (sent.size > 0) warnings.push('the agent did not say where the disks landed; descriptors may name them wrongly');
+        return files;
+      }
       const files = await writer.write(model, targetDisks, staging.dir);
       // Writers see the staging folder as their output folder; descriptors that name files by
       // absolute path must name where the files will live once the result is moved into DIR.
@@ -285,6 +361,23 @@ export async function migrateVm(req: MigrateRequest): Promise<MigrateReport> {
     // 6. verify: each target disk (read back as the target holds it) against its source
     const digests = await stage('verify', async () => {
       const result: { source: string; target: string }[] = [];
+      if (remote) {
+        // The send already compared the sender's digest of the source with the agent's digest of
+        // the image it wrote (and failed otherwise); both are recorded.
+        for (const p of plan) {
+          const i = p.look.index;
+          const r = sent.get(i)!;
+          if (r.digest !== r.agentDigest) {
+            throw new CorruptImageError(
+              `verification failed: the agent's content digest ${r.agentDigest} differs from the source's ${r.digest}`,
+              p.fileName,
+            );
+          }
+          targetDisks.find((d) => d.index === i)!.sha256 = r.agentDigest;
+          result[i] = { source: r.digest, target: r.agentDigest };
+        }
+        return result;
+      }
       const readBack = packaged ? await readPackagedDisks(join(staging.dir, written.find((f) => /\.ova$/i.test(f))!)) : undefined;
       for (const [j, p] of plan.entries()) {
         const i = p.look.index;
@@ -358,9 +451,15 @@ export async function migrateVm(req: MigrateRequest): Promise<MigrateReport> {
         targetFormat: format,
         targetOptions: createOptions,
         capacity: p.capacity,
-        targetFileBytes: packaged ? 0 : fileBytes(join(staging.dir, p.fileName)),
+        targetFileBytes: remote ? (sent.get(i)?.fileSize ?? 0) : packaged ? 0 : fileBytes(join(staging.dir, p.fileName)),
         sourceSha256: digests[i]!.source,
         targetSha256: digests[i]!.target,
+        ...(remote
+          ? {
+              digestAlgorithm: 'vmferry-transfer' as const,
+              transfer: transferOf(sent.get(i)!, remoteFileUrl(remote, p.fileName)),
+            }
+          : {}),
         verified: true,
         convertSeconds: convertSeconds[i] ?? 0,
       };
@@ -387,6 +486,7 @@ export async function migrateVm(req: MigrateRequest): Promise<MigrateReport> {
       sourceReader: inspected.reader,
       target: profile.target,
       outDir: staging.outDir,
+      ...(remote ? { agentDir: [...sent.values()].find((r) => r.agentDir)?.agentDir } : {}),
       name,
       firmware: model.firmware,
       sourceModel,
@@ -405,7 +505,11 @@ export async function migrateVm(req: MigrateRequest): Promise<MigrateReport> {
       report.seconds = Number(process.hrtime.bigint() - started) / 1e9;
       writeFileSync(join(staging.dir, 'report.txt'), humanSummary(report));
       writeFileSync(join(staging.dir, 'report.json'), `${JSON.stringify(report, null, 2)}\n`);
-      commitStaging(staging, [...files, 'report.txt', 'report.json']);
+      if (remote) {
+        // Descriptors first, report.json last: on the agent, report.json means the result is whole.
+        await uploadFiles(remote, req.remote!, staging.dir, [...written, 'report.txt', 'report.json']);
+        abortStaging(staging);
+      } else commitStaging(staging, [...files, 'report.txt', 'report.json']);
     });
     report.seconds = Number(process.hrtime.bigint() - started) / 1e9;
     return report;
@@ -415,6 +519,18 @@ export async function migrateVm(req: MigrateRequest): Promise<MigrateReport> {
   } finally {
     process.removeListener('exit', onExit);
   }
+}
+
+function transferOf(r: SendResult, file: string): NonNullable<DiskReport['transfer']> {
+  return {
+    url: file,
+    wireBytes: r.wireBytes,
+    dataBytes: r.dataBytes,
+    resentBytes: r.resentBytes,
+    resumedAt: r.resumedAt,
+    seconds: r.seconds,
+    ...(r.fileSha256 ? { fileSha256: r.fileSha256 } : {}),
+  };
 }
 
 /** Converts a disk whose bytes lie inside another file (an OVA member, a gzip-compressed file). */

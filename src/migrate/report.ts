@@ -24,7 +24,7 @@ export function humanSummary(r: MigrateReport): string {
   for (const d of r.disks) {
     lines.push(`  disk${d.index}: ${d.source} (${d.sourceFormat}, ${size(d.virtualSize)}, ${size(d.allocatedBytes)} of data)`);
     lines.push(
-      `         -> ${d.target} (${d.targetFormat}, ${size(d.targetFileBytes)} on disk, ${d.convertSeconds.toFixed(2)} s), content SHA-256 ${d.verified ? 'verified' : 'NOT verified'}: ${d.targetSha256}`,
+      `         -> ${d.target} (${d.targetFormat}, ${size(d.targetFileBytes)} on disk, ${d.convertSeconds.toFixed(2)} s), content ${d.digestAlgorithm ? 'digest on the agent' : 'SHA-256'} ${d.verified ? 'verified' : 'NOT verified'}: ${d.targetSha256}`,
     );
     const t = d.partitionTable;
     if (t) {

@@ -4,11 +4,13 @@
  * under ROOT; checkpoints writer state so a killed agent resumes; checks the whole-content digest
  * by reading the finished image back; then moves it into ROOT under its name.
  */
-import { randomBytes } from 'node:crypto';
+import { createHash, randomBytes } from 'node:crypto';
 import {
   closeSync,
+  createReadStream,
   existsSync,
   fsyncSync,
+  lstatSync,
   mkdirSync,
   openSync,
   readdirSync,
@@ -16,7 +18,9 @@ import {
   realpathSync,
   renameSync,
   rmSync,
+  statSync,
   writeFileSync,
+  writeSync,
 } from 'node:fs';
 import http, { type IncomingMessage, type ServerResponse } from 'node:http';
 import https from 'node:https';
@@ -34,13 +38,14 @@ import {
   type ChunkResponse,
   chunkDigest,
   decodeChunk,
+  type FileResponse,
   type FinishRequest,
   type FinishResponse,
   PROTOCOL_VERSION,
   unpackPayload,
   WIRE_CODECS,
 } from './protocol.js';
-import { AuditLog, isLoopback, nameProblem, tokenMatches } from './security.js';
+import { AuditLog, isLoopback, pathNameProblem, tokenMatches } from './security.js';
 
 export interface AgentOptions {
   host: string;
@@ -59,6 +64,8 @@ export interface AgentOptions {
   checkpointSeconds?: number;
   /** A transfer without requests for this long no longer counts against maxTransfers. */
   idleSeconds?: number;
+  /** Largest whole file accepted by PUT /v1/NAME/file (descriptors, reports), bytes. */
+  maxFileBytes?: number;
   /** Audit log path (default ROOT/.vmferry-audit.log). */
   auditLog?: string;
   log?: (line: string) => void;
@@ -95,6 +102,9 @@ interface Transfer {
   req: BeginRequest;
   driver: FormatDriver;
   dir: string;
+  /** The folder the result lands in (ROOT, or ROOT/PREFIX) and its file name there. */
+  folder: string;
+  file: string;
   outPath: string;
   writer: DiskWriter;
   session: string;
@@ -142,6 +152,7 @@ export async function startAgent(o: AgentOptions): Promise<Agent> {
   }
   const maxTransfers = o.maxTransfers ?? 16;
   const maxRequestBytes = o.maxRequestBytes ?? 80 * MiB;
+  const maxFileBytes = o.maxFileBytes ?? 16 * MiB;
   const checkpointBytes = o.checkpointBytes ?? 64 * MiB;
   const checkpointMs = (o.checkpointSeconds ?? 5) * 1000;
   const idleMs = (o.idleSeconds ?? 120) * 1000;
@@ -150,6 +161,30 @@ export async function startAgent(o: AgentOptions): Promise<Agent> {
   const log = o.log ?? (() => {});
   const transfers = new Map<string, Transfer>();
   mkdirSync(join(root, PARTIAL), { recursive: true, mode: 0o700 });
+
+  /**
+   * Where a name lands: NAME in ROOT, PREFIX/NAME in ROOT/PREFIX. Partial folders of PREFIX/NAME
+   * live under PARTIAL/.sub/PREFIX/NAME, apart from those of plain names (which never start with '.').
+   */
+  const placeOf = (name: string) => {
+    const slash = name.indexOf('/');
+    if (slash < 0) return { folder: root, file: name, partial: join(root, PARTIAL, name) };
+    const prefix = name.slice(0, slash);
+    const file = name.slice(slash + 1);
+    return { folder: join(root, prefix), file, partial: join(root, PARTIAL, '.sub', prefix, file) };
+  };
+
+  /** Makes ROOT/PREFIX when missing; refuses one that is not a real folder (a file, a symbolic link). */
+  const ensureFolder = (folder: string) => {
+    if (folder === root) return;
+    try {
+      if (!lstatSync(folder).isDirectory())
+        throw new HttpError(409, `${folder.slice(root.length + 1)} exists on the agent and is not a folder`);
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw err;
+      mkdirSync(folder, { mode: 0o755 });
+    }
+  };
 
   const refuse = (req: IncomingMessage, reason: string, extra: Record<string, unknown> = {}) => {
     audit.append({ event: 'refused', remote: remoteOf(req), method: req.method, path: req.url, reason, ...extra });
@@ -213,7 +248,10 @@ export async function startAgent(o: AgentOptions): Promise<Agent> {
     validateBegin(body);
     const driver = getDriver(body.format);
     if (!driver.create) throw new HttpError(400, `format ${driver.name} cannot be written`);
-    const finalPath = join(root, name);
+    const place = placeOf(name);
+    const finalPath = join(place.folder, place.file);
+    // Refuse now, not after the whole disk has arrived, when PREFIX is not a real folder.
+    if (existsSync(place.folder)) ensureFolder(place.folder);
     if (existsSync(finalPath) && !body.overwrite) {
       throw new HttpError(409, `${name} already exists on the agent (send with --overwrite to replace it)`);
     }
@@ -246,7 +284,7 @@ export async function startAgent(o: AgentOptions): Promise<Agent> {
     if (activeCount() >= maxTransfers)
       throw new HttpError(503, `the agent is busy (${maxTransfers} transfers at once); retry later`, true);
     // A checkpoint left by an earlier agent process?
-    const dir = join(root, PARTIAL, name);
+    const dir = place.partial;
     const statePath = join(dir, STATE_FILE);
     let note: string | undefined;
     if (existsSync(statePath)) {
@@ -258,7 +296,12 @@ export async function startAgent(o: AgentOptions): Promise<Agent> {
           saved.writerState !== undefined &&
           driver.resume
         ) {
-          const writer = await driver.resume(join(dir, name), body.virtualSize, { options: body.options }, saved.writerState);
+          const writer = await driver.resume(
+            join(dir, place.file),
+            body.virtualSize,
+            { options: body.options },
+            saved.writerState,
+          );
           const t = makeTransfer(req, name, body, driver, dir, writer);
           t.applied = saved.applied;
           t.bytesReceived = saved.bytesReceived;
@@ -304,12 +347,15 @@ export async function startAgent(o: AgentOptions): Promise<Agent> {
     const unit = Math.max(512, writer.clusterSize);
     const align = lcm(DIGEST_BLOCK, unit);
     if (align > 64 * MiB) throw new HttpError(400, `the target's cluster size ${unit} is too large to transfer`);
+    const place = placeOf(name);
     return {
       name,
       req: body,
       driver,
       dir,
-      outPath: join(dir, name),
+      folder: place.folder,
+      file: place.file,
+      outPath: join(dir, place.file),
       writer,
       session: randomBytes(16).toString('hex'),
       applied: 0,
@@ -329,12 +375,13 @@ export async function startAgent(o: AgentOptions): Promise<Agent> {
   };
 
   const startNew = async (req: IncomingMessage, name: string, body: BeginRequest, driver: FormatDriver, note?: string) => {
-    const dir = join(root, PARTIAL, name);
+    const place = placeOf(name);
+    const dir = place.partial;
     rmSync(dir, { recursive: true, force: true });
     mkdirSync(dir, { recursive: true, mode: 0o700 });
     let writer: DiskWriter;
     try {
-      writer = await driver.create!(join(dir, name), body.virtualSize, { options: body.options });
+      writer = await driver.create!(join(dir, place.file), body.virtualSize, { options: body.options });
     } catch (err) {
       rmSync(dir, { recursive: true, force: true });
       if (err instanceof VmferryError) throw new HttpError(400, err.message);
@@ -503,7 +550,15 @@ export async function startAgent(o: AgentOptions): Promise<Agent> {
           await reader.close();
         }
         const match = digest === body.digest;
-        const result: FinishResponse = { digest, match, path: name, bytesReceived: t.bytesReceived };
+        const result: FinishResponse = {
+          digest,
+          match,
+          path: name,
+          bytesReceived: t.bytesReceived,
+          dir: t.folder,
+          fileSize: statSync(t.outPath).size,
+          ...(match && body.fileSha256 === true ? { fileSha256: await sha256OfFile(t.outPath) } : {}),
+        };
         if (!match) {
           rmSync(t.dir, { recursive: true, force: true });
           audit.append({
@@ -520,13 +575,15 @@ export async function startAgent(o: AgentOptions): Promise<Agent> {
         const files = readdirSync(t.dir).filter((f) => f !== STATE_FILE && !f.startsWith('.'));
         if (!body || !t.req.overwrite) {
           for (const f of files) {
-            if (existsSync(join(root, f))) throw new HttpError(409, `${f} already exists on the agent`);
+            if (existsSync(join(t.folder, f))) throw new HttpError(409, `${f} already exists on the agent`);
           }
         }
+        ensureFolder(t.folder);
         // The main file last, so it appears only when its extents are in place.
-        for (const f of files.sort((a, b) => (a === name ? 1 : b === name ? -1 : a.localeCompare(b)))) {
-          renameSync(join(t.dir, f), join(root, f));
+        for (const f of files.sort((a, b) => (a === t.file ? 1 : b === t.file ? -1 : a.localeCompare(b)))) {
+          renameSync(join(t.dir, f), join(t.folder, f));
         }
+        syncFolder(t.folder);
         rmSync(t.dir, { recursive: true, force: true });
         audit.append({
           event: 'complete',
@@ -550,9 +607,66 @@ export async function startAgent(o: AgentOptions): Promise<Agent> {
     });
   };
 
+  /**
+   * A whole small file (a descriptor, a report) in one request: checked against its SHA-256,
+   * written to a temp name beside its final name, synced, renamed into place.
+   */
+  const putFile = (req: IncomingMessage, name: string, body: Buffer): FileResponse => {
+    const sha256 = createHash('sha256').update(body).digest('hex');
+    const expected = String(req.headers['x-vmferry-sha256'] ?? '').toLowerCase();
+    if (expected !== sha256) {
+      audit.append({ event: 'file-damaged', remote: remoteOf(req), name, reason: 'digest mismatch', bytes: body.length });
+      throw new HttpError(422, `${name} fails its digest (damaged in transit); re-send it`, true);
+    }
+    const live = transfers.get(name);
+    if (live && !live.closed) throw new HttpError(409, `${name} is being received as a disk image right now`);
+    const place = placeOf(name);
+    const finalPath = join(place.folder, place.file);
+    const overwrite = req.headers['x-vmferry-overwrite'] === '1';
+    ensureFolder(place.folder);
+    let existing: ReturnType<typeof lstatSync> | undefined;
+    try {
+      existing = lstatSync(finalPath);
+    } catch {
+      existing = undefined;
+    }
+    if (existing && !overwrite) {
+      refuse(req, 'file exists', { name });
+      throw new HttpError(409, `${name} already exists on the agent (send with overwrite to replace it)`);
+    }
+    if (existing && !existing.isFile()) {
+      refuse(req, 'not a regular file', { name });
+      throw new HttpError(409, `${name} exists on the agent and is not a regular file`);
+    }
+    const temp = join(place.folder, `.${place.file}.vmferry-put-${randomBytes(6).toString('hex')}`);
+    const fd = openSync(temp, 'wx', 0o644);
+    try {
+      for (let at = 0; at < body.length; ) at += writeSync(fd, body, at, body.length - at);
+      fsyncSync(fd);
+    } catch (err) {
+      closeSync(fd);
+      rmSync(temp, { force: true });
+      throw err;
+    }
+    closeSync(fd);
+    renameSync(temp, finalPath);
+    syncFolder(place.folder);
+    audit.append({
+      event: 'file',
+      remote: remoteOf(req),
+      sender: req.headers['x-vmferry-sender'] ?? null,
+      name,
+      bytes: body.length,
+      sha256,
+      replaced: Boolean(existing),
+    });
+    log(`${name}: received ${body.length} bytes`);
+    return { path: name, dir: place.folder, bytes: body.length, sha256 };
+  };
+
   const handle = async (req: IncomingMessage, res: ServerResponse) => {
     const url = new URL(req.url ?? '/', 'http://agent');
-    const m = /^\/v1\/([^/]*)\/(begin|chunk|finish)$/.exec(url.pathname);
+    const m = /^\/v1\/([^/]*)\/(begin|chunk|finish|file)$/.exec(url.pathname);
     const auth = req.headers.authorization;
     if (!auth || !/^Bearer \S+$/.test(auth)) {
       refuse(req, 'no bearer token');
@@ -572,15 +686,15 @@ export async function startAgent(o: AgentOptions): Promise<Agent> {
     } catch {
       name = '';
     }
-    const problem = nameProblem(name);
+    const problem = pathNameProblem(name);
     if (problem) {
       refuse(req, `refused name: ${problem}`, { name });
       throw new HttpError(400, `refused name '${name}': ${problem}`);
     }
     const op = m[2]!;
-    const expectMethod = op === 'chunk' ? 'PUT' : 'POST';
+    const expectMethod = op === 'chunk' || op === 'file' ? 'PUT' : 'POST';
     if (req.method !== expectMethod) throw new HttpError(405, `${op} needs ${expectMethod}`);
-    const limit = op === 'chunk' ? maxRequestBytes : MAX_JSON_BODY;
+    const limit = op === 'chunk' ? maxRequestBytes : op === 'file' ? maxFileBytes : MAX_JSON_BODY;
     const declared = Number(req.headers['content-length'] ?? Number.NaN);
     if (!Number.isFinite(declared)) {
       refuse(req, 'no content length', { name });
@@ -597,6 +711,7 @@ export async function startAgent(o: AgentOptions): Promise<Agent> {
     }
     let out: unknown;
     if (op === 'begin') out = await begin(req, name, parseJson<BeginRequest>(body));
+    else if (op === 'file') out = putFile(req, name, body);
     else {
       const t = transfers.get(name);
       if (!t || t.closed) {
@@ -728,6 +843,24 @@ function validateMeta(m: ChunkMeta, t: Transfer): void {
   if (pos !== m.end) throw new Error('pieces do not reach the end');
   if (raw !== m.rawLength) throw new Error('raw length does not match the runs');
   if (dataSpan > t.maxChunk) throw new Error(`data of ${dataSpan} bytes exceeds the chunk limit ${t.maxChunk}`);
+}
+
+function syncFolder(dir: string): void {
+  let fd: number | undefined;
+  try {
+    fd = openSync(dir, 'r');
+    fsyncSync(fd);
+  } catch {
+    // some file systems refuse fsync on a folder; the rename is still atomic
+  } finally {
+    if (fd !== undefined) closeSync(fd);
+  }
+}
+
+async function sha256OfFile(path: string): Promise<string> {
+  const h = createHash('sha256');
+  for await (const part of createReadStream(path, { highWaterMark: 4 * MiB })) h.update(part as Buffer);
+  return h.digest('hex');
 }
 
 function remoteOf(req: IncomingMessage): string {

@@ -21,6 +21,7 @@ import {
   type ChunkPiece,
   chunkDigest,
   encodeChunk,
+  type FileResponse,
   type FinishResponse,
   GRAIN,
   PROTOCOL_VERSION,
@@ -54,6 +55,10 @@ export interface SendOptions {
   /** Replace a file of that name on the agent. */
   overwrite?: boolean;
   open?: Omit<OpenImageOptions, 'format'>;
+  /** Opens the source instead of openImage(source) (a disk inside a package, a padded reader); `source` then only names it. */
+  openReader?: () => Promise<DiskReader>;
+  /** Ask the agent for the written file's SHA-256 and size (for a manifest). */
+  fileSha256?: boolean;
   onProgress?: (p: { done: number; total: number; wireBytes: number }) => void;
   log?: (line: string) => void;
   /** Attempts per chunk when it is damaged in transit or the connection breaks. */
@@ -80,6 +85,13 @@ export interface SendResult {
   agentReceivedBytes: number;
   seconds: number;
   note?: string;
+  /** The agent's own content digest, read back from the written image (equal to `digest`). */
+  agentDigest: string;
+  /** Absolute folder on the agent holding the result, as the agent reports it. */
+  agentDir?: string;
+  /** Bytes of the written file on the agent, and its SHA-256 when asked for. */
+  fileSize?: number;
+  fileSha256?: string;
 }
 
 interface Endpoint {
@@ -104,8 +116,17 @@ function parseTarget(url: string): { base: URL; name: string } {
     throw new UsageError(`'${url}': plain http is only allowed to a loopback address; the token would travel in clear`);
   }
   const parts = u.pathname.split('/').filter((p) => p.length > 0);
-  if (parts.length !== 1) throw new UsageError(`'${url}': the path must be exactly one file name (https://HOST:PORT/NAME)`);
-  return { base: new URL(`${u.protocol}//${u.host}`), name: decodeURIComponent(parts[0]!) };
+  if (parts.length !== 1 && parts.length !== 2)
+    throw new UsageError(
+      `'${url}': the path must be a file name, or one folder and a file name (https://HOST:PORT/[PREFIX/]NAME)`,
+    );
+  let name: string;
+  try {
+    name = parts.map((p) => decodeURIComponent(p)).join('/');
+  } catch {
+    throw new UsageError(`'${url}': the path is not valid percent-encoding`);
+  }
+  return { base: new URL(`${u.protocol}//${u.host}`), name };
 }
 
 /** Fetches the agent's certificate once and checks it against the pin; connections then trust only it. */
@@ -153,7 +174,14 @@ interface Reply {
   body: Record<string, unknown>;
 }
 
-function request(ep: Endpoint, token: string, method: string, op: string, body: Buffer | Buffer[]): Promise<Reply> {
+function request(
+  ep: Endpoint,
+  token: string,
+  method: string,
+  op: string,
+  body: Buffer | Buffer[],
+  extraHeaders: Record<string, string> = {},
+): Promise<Reply> {
   const parts = Array.isArray(body) ? body : [body];
   const length = parts.reduce((n, b) => n + b.length, 0);
   const url = new URL(`/v1/${encodeURIComponent(ep.name)}/${op}`, ep.base);
@@ -165,9 +193,10 @@ function request(ep: Endpoint, token: string, method: string, op: string, body: 
         agent: ep.agent,
         headers: {
           authorization: `Bearer ${token}`,
-          'content-type': op === 'chunk' ? 'application/octet-stream' : 'application/json',
+          'content-type': op === 'chunk' || op === 'file' ? 'application/octet-stream' : 'application/json',
           'content-length': length,
           'x-vmferry-sender': `${safeUser()}@${hostname()}`,
+          ...extraHeaders,
         },
       },
       (res) => {
@@ -259,7 +288,15 @@ export async function sendImage(source: string, options: SendOptions): Promise<S
   const maxAttempts = options.maxAttempts ?? 8;
   const log = options.log ?? (() => {});
   const ep = await endpoint(options.url, streams, options.fingerprint);
-  const reader = await openImage(source, { ...options.open, format: options.sourceFormat });
+  let reader: DiskReader;
+  try {
+    reader = options.openReader
+      ? await options.openReader()
+      : await openImage(source, { ...options.open, format: options.sourceFormat });
+  } catch (err) {
+    ep.agent.destroy();
+    throw err;
+  }
   const limiter = options.rate ? new RateLimiter(options.rate) : null;
   const stats = { wire: 0, resent: 0, resentChunks: 0, chunks: 0, data: 0 };
   try {
@@ -375,7 +412,7 @@ export async function sendImage(source: string, options: SendOptions): Promise<S
       options.token,
       'POST',
       'finish',
-      Buffer.from(JSON.stringify({ session, digest: own })),
+      Buffer.from(JSON.stringify({ session, digest: own, ...(options.fileSha256 ? { fileSha256: true } : {}) })),
       options.url,
     );
     if (fin.status !== 200) throw replyError(fin, options.url);
@@ -399,6 +436,10 @@ export async function sendImage(source: string, options: SendOptions): Promise<S
       agentReceivedBytes: f.bytesReceived,
       seconds: (performance.now() - started) / 1000,
       ...(begun.note ? { note: begun.note } : {}),
+      agentDigest: f.digest,
+      ...(typeof f.dir === 'string' ? { agentDir: f.dir } : {}),
+      ...(typeof f.fileSize === 'number' ? { fileSize: f.fileSize } : {}),
+      ...(typeof f.fileSha256 === 'string' ? { fileSha256: f.fileSha256 } : {}),
     };
   } catch (err) {
     if (err instanceof VmferryError && stats.wire > 0) {
@@ -411,10 +452,58 @@ export async function sendImage(source: string, options: SendOptions): Promise<S
   }
 }
 
-/** A request whose transport failure becomes a one-line TransferError. */
-async function call(ep: Endpoint, token: string, method: string, op: string, body: Buffer, url: string): Promise<Reply> {
+export interface PutFileOptions {
+  /** https://HOST:PORT/[PREFIX/]NAME */
+  url: string;
+  token: string;
+  fingerprint?: string;
+  /** Replace a file of that name on the agent. */
+  overwrite?: boolean;
+  /** Attempts when the file is damaged in transit or the connection breaks. */
+  maxAttempts?: number;
+}
+
+/**
+ * Uploads one whole small file (a descriptor, a report) to the agent's file endpoint; the agent
+ * checks its SHA-256 and writes it atomically. Returns what the agent reports.
+ */
+export async function putFile(data: Buffer, options: PutFileOptions): Promise<FileResponse> {
+  const ep = await endpoint(options.url, 1, options.fingerprint);
+  const sha256 = createHash('sha256').update(data).digest('hex');
+  const headers: Record<string, string> = {
+    'x-vmferry-sha256': sha256,
+    ...(options.overwrite ? { 'x-vmferry-overwrite': '1' } : {}),
+  };
+  const maxAttempts = options.maxAttempts ?? 4;
   try {
-    return await request(ep, token, method, op, body);
+    for (let attempt = 1; ; attempt++) {
+      const r = await call(ep, options.token, 'PUT', 'file', data, options.url, headers);
+      if (r.status === 200) {
+        const f = r.body as unknown as FileResponse;
+        if (f.sha256 !== sha256)
+          throw new TransferError(`the agent stored ${ep.name} with SHA-256 ${f.sha256}, not ${sha256}`, options.url);
+        return f;
+      }
+      if (r.body.retry && attempt < maxAttempts) continue;
+      throw replyError(r, options.url);
+    }
+  } finally {
+    ep.agent.destroy();
+  }
+}
+
+/** A request whose transport failure becomes a one-line TransferError. */
+async function call(
+  ep: Endpoint,
+  token: string,
+  method: string,
+  op: string,
+  body: Buffer,
+  url: string,
+  extraHeaders: Record<string, string> = {},
+): Promise<Reply> {
+  try {
+    return await request(ep, token, method, op, body, extraHeaders);
   } catch (err) {
     const e = err as NodeJS.ErrnoException;
     if (

@@ -4,6 +4,11 @@
  *   POST /v1/NAME/begin    JSON BeginRequest  -> BeginResponse (a new session; where to resume)
  *   PUT  /v1/NAME/chunk    binary chunk       -> ChunkResponse (applied in offset order)
  *   POST /v1/NAME/finish   JSON FinishRequest -> FinishResponse (both content digests)
+ *   PUT  /v1/NAME/file     whole small file   -> FileResponse (descriptors, reports; header
+ *                          x-vmferry-sha256 = SHA-256 of the body, x-vmferry-overwrite: 1 to replace)
+ *
+ * NAME (URL-encoded as one path segment) is a file under the agent's ROOT, or PREFIX/FILE under
+ * ROOT/PREFIX (one folder level, made on first use: the per-VM folder of `migrate --out URL`).
  *
  * Every request carries `Authorization: Bearer TOKEN`. A chunk body is
  * [u32 BE meta length][meta JSON][payload]; the payload is the data runs, concatenated and
@@ -70,6 +75,8 @@ export interface ChunkResponse {
 export interface FinishRequest {
   session: string;
   digest: string;
+  /** Also return the SHA-256 of the written file (an OVF manifest needs it); costs a read of the file. */
+  fileSha256?: boolean;
 }
 
 export interface FinishResponse {
@@ -77,6 +84,20 @@ export interface FinishResponse {
   match: boolean;
   path: string;
   bytesReceived: number;
+  /** Absolute folder on the agent holding the file (ROOT or ROOT/PREFIX): descriptors name disks there. */
+  dir?: string;
+  /** Bytes of the written (main) file. */
+  fileSize?: number;
+  /** SHA-256 of the written file, when asked for. */
+  fileSha256?: string;
+}
+
+export interface FileResponse {
+  path: string;
+  /** Absolute folder on the agent holding the file. */
+  dir: string;
+  bytes: number;
+  sha256: string;
 }
 
 export interface ErrorBody {

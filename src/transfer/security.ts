@@ -60,6 +60,22 @@ export function nameProblem(name: string): string | null {
   return null;
 }
 
+/**
+ * A name a sender may use on the agent: NAME (a file under ROOT) or PREFIX/NAME (a file under
+ * ROOT/PREFIX, the per-VM folder `migrate --out https://HOST:PORT/PREFIX` fills). Each part obeys
+ * nameProblem; any other separator, and `..`, are refused. Returns null when acceptable.
+ */
+export function pathNameProblem(name: string): string | null {
+  const parts = name.split('/');
+  if (parts.length > 2) return 'name has more than one folder level (PREFIX/NAME at most)';
+  if (name.includes('\\')) return 'name contains a path separator';
+  for (const p of parts) {
+    const problem = nameProblem(p);
+    if (problem) return parts.length === 2 ? `${problem} (in '${p}')` : problem;
+  }
+  return null;
+}
+
 export function isLoopback(host: string): boolean {
   const h = host.replace(/^\[|\]$/g, '');
   if (h === 'localhost') return true;
