@@ -2,6 +2,7 @@ import { UsageError } from '../disk/errors.js';
 import { type MigrateProgress, migrateVm } from '../migrate/migrate.js';
 import { isRemoteOut } from '../migrate/remote.js';
 import { humanSummary } from '../migrate/report.js';
+import { parseRate } from '../plan/estimate.js';
 import { WIRE_CODECS, type WireCodec } from '../transfer/protocol.js';
 import { readToken } from '../transfer/security.js';
 import { targetWriters } from '../vm/registry.js';
@@ -10,7 +11,7 @@ import { readOptionsFrom, vmSourceOptions } from './inspect.js';
 import { warmMigrateCommand } from './migrate-warm.js';
 import { progressReporter } from './progress.js';
 
-export const usage = `vmferry migrate SOURCE --to ${targetWriters.map((w) => w.profile.target).join('|')} --out DIR|https://HOST:PORT/PREFIX [--token-file F] [--fingerprint SHA256] [-c zstd|zlib|none] [--streams N] [-p] [--disk-bus BUS] [--nic-model MODEL] [--disk-format FMT] [-o OPTIONS] [--force-firmware bios|uefi] [--allow-external-files] [--firmware bios|uefi] [--cpus N] [--memory SIZE] [--name NAME] [--output=human|json]`;
+export const usage = `vmferry migrate SOURCE --to ${targetWriters.map((w) => w.profile.target).join('|')} --out DIR|https://HOST:PORT/PREFIX [--token-file F] [--fingerprint SHA256] [-c zstd|zlib|none] [--streams N] [--rate BYTES/s] [-p] [--disk-bus BUS] [--nic-model MODEL] [--disk-format FMT] [-o OPTIONS] [--force-firmware bios|uefi] [--allow-external-files] [--firmware bios|uefi] [--cpus N] [--memory SIZE] [--name NAME] [--output=human|json]`;
 
 export async function migrateCommand(args: string[]): Promise<number> {
   if (args.includes('--warm')) return warmMigrateCommand(args);
@@ -32,6 +33,7 @@ export async function migrateCommand(args: string[]): Promise<number> {
       fingerprint: { type: 'string' },
       compress: { type: 'string', short: 'c' },
       streams: { type: 'string' },
+      rate: { type: 'string' },
     },
     usage,
   );
@@ -42,7 +44,7 @@ export async function migrateCommand(args: string[]): Promise<number> {
   if (force !== undefined && force !== 'bios' && force !== 'uefi') {
     throw new UsageError(`--force-firmware must be bios or uefi, not '${force}'`);
   }
-  let remote: { token: string; fingerprint?: string; codec: WireCodec; streams?: number } | undefined;
+  let remote: { token: string; fingerprint?: string; codec: WireCodec; streams?: number; rate?: number } | undefined;
   if (isRemoteOut(values.out)) {
     const codec = (values.compress ?? 'zstd') as WireCodec;
     if (!WIRE_CODECS.includes(codec))
@@ -52,9 +54,9 @@ export async function migrateCommand(args: string[]): Promise<number> {
     const streams = values.streams === undefined ? undefined : Number(values.streams);
     if (streams !== undefined && (!Number.isInteger(streams) || streams < 1 || streams > 64))
       throw new UsageError('--streams must be 1 to 64');
-    remote = { token, fingerprint: values.fingerprint, codec, streams };
-  } else if (values['token-file'] || values.fingerprint || values.compress || values.streams) {
-    throw new UsageError('--token-file, --fingerprint, -c and --streams apply only to --out https://HOST:PORT/PREFIX');
+    remote = { token, fingerprint: values.fingerprint, codec, streams, rate: values.rate ? parseRate(values.rate) : undefined };
+  } else if (values['token-file'] || values.fingerprint || values.compress || values.streams || values.rate) {
+    throw new UsageError('--token-file, --fingerprint, -c, --streams and --rate apply only to --out https://HOST:PORT/PREFIX');
   }
   const mode = outputMode(values.output);
   let bar: ReturnType<typeof progressReporter> | undefined;

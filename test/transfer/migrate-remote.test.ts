@@ -448,3 +448,64 @@ test('migrate --to libvirt over HTTPS (TLS 1.3) with the certificate fingerprint
     await agent.close();
   }
 });
+
+test('a migration killed while sending resumes where the agent stopped, and ends identical', async () => {
+  // One disk with 20 MiB of incompressible data, sent at 4 MiB/s, so the kill lands mid-send.
+  const folder = join(dir, 'src-big');
+  mkdirSync(folder);
+  const raw = join(dir, 'big.raw');
+  const fd = openSync(raw, 'w');
+  ftruncateSync(fd, 32 * MiB);
+  writeSync(fd, patternBuffer(20 * MiB, 77), 0, 20 * MiB, 8 * MiB);
+  closeSync(fd);
+  qemuImg('convert', '-f', 'raw', '-O', 'vmdk', raw, join(folder, 'big.vmdk'));
+  writeFileSync(
+    join(folder, 'big.vmx'),
+    [
+      'config.version = "8"',
+      'virtualHW.version = "19"',
+      'displayName = "big"',
+      'guestOS = "debian11-64"',
+      'memsize = "512"',
+      'numvcpus = "1"',
+      'scsi0.present = "TRUE"',
+      'scsi0.virtualDev = "lsilogic"',
+      'scsi0:0.present = "TRUE"',
+      'scsi0:0.fileName = "big.vmdk"',
+      '',
+    ].join('\n'),
+  );
+  const root = join(tmpDir('vmferry-mr-resume-'), 'root');
+  mkdirSync(root);
+  const agent = await startAgent({ host: '127.0.0.1', port: 0, root, token: TOKEN, checkpointBytes: 2 * MiB });
+  try {
+    const args = [join(folder, 'big.vmx'), '--to', 'libvirt', '--out', `${agent.url}/big`, '-c', 'none', '--output=json'];
+    // Kill -9 the migration once the agent has checkpointed part of the disk.
+    const state = join(root, '.vmferry-partial', '.sub', 'big', 'big-disk0.qcow2', 'state.json');
+    const child = spawn(process.execPath, [vmferryBin, 'migrate', ...args, '--rate', '4M'], {
+      stdio: 'ignore',
+      env: { ...process.env, VMFERRY_TOKEN: TOKEN },
+    });
+    const exited = new Promise<string | null>((resolve) => child.once('exit', (_code, signal) => resolve(signal)));
+    const watcher = setInterval(() => {
+      if (existsSync(state)) child.kill('SIGKILL');
+    }, 20);
+    const signal = await exited;
+    clearInterval(watcher);
+    assert.equal(signal, 'SIGKILL', 'the migration ended before the agent checkpointed');
+    assert.ok(!existsSync(join(root, 'big', 'report.json')), 'a killed run left a report');
+    assert.ok(!existsSync(join(root, 'big', 'big-disk0.qcow2')), 'a killed run left a disk under its final name');
+
+    const again = await migrateCli(args, { VMFERRY_TOKEN: TOKEN });
+    assert.equal(again.code, 0, again.stderr);
+    const report = JSON.parse(again.stdout) as Report & { disks: { transfer: { resumedAt: number; dataBytes: number } }[] };
+    assert.ok(report.disks[0]!.transfer.resumedAt > 0, 'the rerun started from zero');
+    // The rerun carried only the rest of the data.
+    assert.ok(report.disks[0]!.transfer.dataBytes < 20 * MiB);
+    assert.equal(compare(raw, join(root, 'big', 'big-disk0.qcow2'), 'qcow2'), 0);
+    assert.equal(run('qemu-img', ['check', join(root, 'big', 'big-disk0.qcow2')]).code, 0);
+    assert.ok(auditEntries(agent).some((e) => e.event === 'resume' && e.name === 'big/big-disk0.qcow2'));
+  } finally {
+    await agent.close();
+  }
+});
