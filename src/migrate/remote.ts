@@ -16,7 +16,7 @@
  * a disk transfer interrupted half way resumes from the agent's checkpoint.
  */
 import { createHash } from 'node:crypto';
-import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { UsageError } from '../disk/errors.js';
@@ -92,9 +92,39 @@ export function remoteFileUrl(t: RemoteTarget, file: string): string {
   return `${t.origin}/${encodeURIComponent(t.prefix)}/${encodeURIComponent(file)}`;
 }
 
-/** A local temp folder for the descriptors (the result itself lands on the agent). */
+const TEMP = /^vmferry-migrate-remote-(\d+)-/;
+
+function processGone(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return false;
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === 'ESRCH';
+  }
+}
+
+/**
+ * A local temp folder for the descriptors (the result itself lands on the agent), named with this
+ * process's id; those of killed runs (their process gone) are removed first.
+ */
 export function openRemoteStaging(t: RemoteTarget): Staging {
-  return { outDir: t.url, dir: mkdtempSync(join(tmpdir(), 'vmferry-migrate-remote-')), mode: 'files', removed: [] };
+  const removed: string[] = [];
+  try {
+    for (const name of readdirSync(tmpdir())) {
+      const m = TEMP.exec(name);
+      if (!m || Number(m[1]) === process.pid || !processGone(Number(m[1]))) continue;
+      rmSync(join(tmpdir(), name), { recursive: true, force: true });
+      removed.push(join(tmpdir(), name));
+    }
+  } catch {
+    // the sweep is best effort
+  }
+  return {
+    outDir: t.url,
+    dir: mkdtempSync(join(tmpdir(), `vmferry-migrate-remote-${process.pid}-`)),
+    mode: 'files',
+    removed,
+  };
 }
 
 /** Sends one disk, straight from its source, to PREFIX/FILE on the agent in `format` with `options`. */

@@ -21,6 +21,7 @@ import {
   writeSync,
 } from 'node:fs';
 import http from 'node:http';
+import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import '../../src/formats/index.js';
@@ -495,10 +496,19 @@ test('a migration killed while sending resumes where the agent stopped, and ends
     assert.equal(signal, 'SIGKILL', 'the migration ended before the agent checkpointed');
     assert.ok(!existsSync(join(root, 'big', 'report.json')), 'a killed run left a report');
     assert.ok(!existsSync(join(root, 'big', 'big-disk0.qcow2')), 'a killed run left a disk under its final name');
+    // Its local temp folder (named with its pid) is left behind by kill -9...
+    const temps = () => readdirSync(tmpdir()).filter((n) => n.startsWith(`vmferry-migrate-remote-${child.pid}-`));
+    assert.equal(temps().length, 1);
 
     const again = await migrateCli(args, { VMFERRY_TOKEN: TOKEN });
     assert.equal(again.code, 0, again.stderr);
-    const report = JSON.parse(again.stdout) as Report & { disks: { transfer: { resumedAt: number; dataBytes: number } }[] };
+    const report = JSON.parse(again.stdout) as Report & {
+      disks: { transfer: { resumedAt: number; dataBytes: number } }[];
+      cleanedUp: string[];
+    };
+    // ...and the next run removes it.
+    assert.deepEqual(temps(), []);
+    assert.ok(report.cleanedUp.some((p) => p.includes(`vmferry-migrate-remote-${child.pid}-`)));
     assert.ok(report.disks[0]!.transfer.resumedAt > 0, 'the rerun started from zero');
     // The rerun carried only the rest of the data.
     assert.ok(report.disks[0]!.transfer.dataBytes < 20 * MiB);
