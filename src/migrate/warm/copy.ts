@@ -83,6 +83,8 @@ export interface CopyOptions {
   rateLimit?: number;
   /** Do not write chunks that read as all zeros (the working file is still zero there). */
   skipZeroes?: boolean;
+  /** Also hands every piece (zeros included) to this sink, e.g. an open target writer. */
+  also?: (offset: number, data: Buffer) => Promise<void>;
   /** Called in ascending order as each piece is written: everything below `end` of this range set is done. */
   onWritten?: (end: number, bytes: number) => void;
 }
@@ -104,6 +106,7 @@ export async function copyRanges(
     const piece = queue.shift()!;
     const data = await piece.data;
     if (!(o.skipZeroes && isZero(data, 0, data.length))) work.write(piece.offset, data);
+    if (o.also) await o.also(piece.offset, data);
     bytes += piece.length;
     o.onWritten?.(piece.offset + piece.length, bytes);
     if (o.rateLimit && o.rateLimit > 0) {

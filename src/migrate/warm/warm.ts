@@ -36,9 +36,10 @@ import {
 import { tmpdir } from 'node:os';
 import { basename, dirname, join, resolve } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
+import { copyDisk } from '../../convert/pipeline.js';
 import { UsageError, VmferryError } from '../../disk/errors.js';
 import { getDriver, openImage } from '../../disk/registry.js';
-import type { DiskReader } from '../../disk/types.js';
+import type { DiskReader, DiskWriter } from '../../disk/types.js';
 import { convertImage } from '../../ops/convert.js';
 import { type PrecopyEstimate, precopy } from '../../plan/estimate.js';
 import '../../transfer/nbd/index.js';
@@ -52,7 +53,7 @@ import { contentDigest } from '../hash.js';
 import { readVm } from '../inspect.js';
 import { profileFor } from '../migrate.js';
 import { QmpClient, QmpError } from '../qmp.js';
-import { commitStaging, openStaging } from '../staging.js';
+import { abortStaging, commitStaging, openStaging, type Staging } from '../staging.js';
 import { copyRanges, type Range, syncByDigest, WorkFile, workDigest } from './copy.js';
 
 export interface WarmMigrateRequest extends ReadVmOptions {
@@ -138,13 +139,22 @@ export interface WarmReport {
     stopSeconds: number;
     finalCopySeconds: number;
     finalBytes: number;
+    /** Finishing the target disks (incremental) or converting the working copies to them. */
     convertSeconds: number;
+    /** Writing the descriptor (done before the stop when the source is tracked). */
     descriptorSeconds: number;
+    commitSeconds: number;
+    /** Building the target disks from the working copies while the source still ran. */
+    prebuildSeconds: number;
+    /** The final round was written straight into the open target disks (no conversion in the downtime). */
+    incremental: boolean;
     startSeconds: number;
     /** Source stopped -> target running (or the result committed when not started). */
     downtimeSeconds: number;
     /** What copying everything cold would take at the measured rate. */
     coldCopySeconds: number;
+    /** A cold migration's downtime: stop, copy everything, build the target disks, commit, start. */
+    coldDowntimeSeconds: number;
   };
   started?: { command: string; pid?: number; serialLog?: string; qmp?: string };
   /** Runs that continued a killed one. */
@@ -212,7 +222,10 @@ function loadState(dir: string): WarmState | undefined {
     if (s.version !== 1 || !Array.isArray(s.disks)) throw new Error('unknown version');
     return s;
   } catch (err) {
-    throw new VmferryError(`the saved warm-migration state is unreadable (${(err as Error).message}); remove the folder to start over`, p);
+    throw new VmferryError(
+      `the saved warm-migration state is unreadable (${(err as Error).message}); remove the folder to start over`,
+      p,
+    );
   }
 }
 
@@ -269,7 +282,16 @@ export async function warmMigrate(req: WarmMigrateRequest): Promise<WarmReport> 
     if (req.cpus) model.cpus = req.cpus;
     if (req.memory) model.memory = req.memory;
     model.controllers.push({ id: 'sata0', bus: 'sata' });
-    model.disks.push({ path: req.source, format: 'raw', capacity: r.virtualSize, bus: 'sata', controller: 'sata0', unit: 0, bootOrder: 1, notes: [] });
+    model.disks.push({
+      path: req.source,
+      format: 'raw',
+      capacity: r.virtualSize,
+      bus: 'sata',
+      controller: 'sata0',
+      unit: 0,
+      bootOrder: 1,
+      notes: [],
+    });
     await r.close();
   } else {
     model = (await readVm(req.source, readOptions)).model;
@@ -322,14 +344,65 @@ export async function warmMigrate(req: WarmMigrateRequest): Promise<WarmReport> 
       warnings: [],
     };
   } else {
-    state.resumes.push({ at: new Date().toISOString(), round: state.rounds.length, round0Done: state.disks.map((d) => d.round0Done) });
-    say(`resuming: ${state.rounds.length} round(s) done, round 0 at ${state.disks.map((d) => fmtBytes(d.round0Done)).join(', ')}`);
+    state.resumes.push({
+      at: new Date().toISOString(),
+      round: state.rounds.length,
+      round0Done: state.disks.map((d) => d.round0Done),
+    });
+    say(
+      `resuming: ${state.rounds.length} round(s) done, round 0 at ${state.disks.map((d) => fmtBytes(d.round0Done)).join(', ')}`,
+    );
   }
   const st = state;
   const save = () => saveState(dir, st);
   save();
 
   const ctx: Ctx = { req, dir, state: st, save, say, maxDowntime, maxRounds };
+  const driver = getDriver(format);
+  // Target disks that can take the final round in place (random rewrites of uncompressed clusters).
+  const incremental = (driver.name === 'qcow2' || driver.name === 'raw') && driver.create !== undefined;
+  let stagingOpened: Staging | undefined;
+  /**
+   * Builds the target disks from the working copies and writes the descriptor. Called while the
+   * source still runs (the final round then goes into the open writers too), or at cutover.
+   */
+  const prepareTargets = async (): Promise<Prepared> => {
+    const t0 = now();
+    const staging = openStaging(req.outDir);
+    stagingOpened = staging;
+    const targetDisks: TargetDisk[] = [];
+    const writers: Prepared['writers'] = [];
+    for (const d of st.disks) {
+      const fileName = `${name}-disk${d.index}.${extension}`;
+      const path = join(staging.dir, fileName);
+      targetDisks.push({ index: d.index, fileName, format, capacity: d.virtualSize });
+      if (!incremental) {
+        writers.push({ index: d.index, path });
+        continue;
+      }
+      const w = await driver.create!(path, d.virtualSize, { options: createOptions });
+      try {
+        const r = await openImage(join(dir, d.work), { format: 'raw' });
+        try {
+          await copyDisk(r, w);
+        } finally {
+          await r.close();
+        }
+      } catch (err) {
+        await w.abort();
+        throw err;
+      }
+      writers.push({ index: d.index, path, writer: w });
+    }
+    const t1 = now();
+    const written = await writer.write(target, targetDisks, staging.dir);
+    for (const f of written) relocate(join(staging.dir, f), staging.dir, staging.outDir);
+    return { staging, targetDisks, written, writers, prebuildSeconds: (t1 - t0) / 1000, descriptorSeconds: (now() - t1) / 1000 };
+  };
+  ctx.prepare = async () => {
+    ctx.prepared = await prepareTargets();
+    say(`target disks built from the working copies in ${ctx.prepared.prebuildSeconds.toFixed(2)} s (source still running)`);
+  };
   let qmp: QmpClient | undefined;
   try {
     if (req.sourceQmp) {
@@ -347,24 +420,23 @@ export async function warmMigrate(req: WarmMigrateRequest): Promise<WarmReport> 
       }
     }
 
-    // Cutover: convert, describe, commit, start.
+    // Cutover: finish (or convert) the target disks, commit, start.
     const t0 = now();
-    const staging = openStaging(req.outDir);
-    const targetDisks: TargetDisk[] = [];
-    for (const d of st.disks) {
-      const fileName = `${name}-disk${d.index}.${extension}`;
-      await convertImage({
-        source: join(dir, d.work),
-        target: join(staging.dir, fileName),
-        sourceFormat: 'raw',
-        targetFormat: format,
-        options: createOptions,
-      });
-      targetDisks.push({ index: d.index, fileName, format, capacity: d.virtualSize });
+    const prepared = ctx.prepared ?? (await prepareTargets());
+    for (const w of prepared.writers) {
+      if (w.writer) await w.writer.finish();
+      else {
+        await convertImage({
+          source: join(dir, st.disks[w.index]!.work),
+          target: w.path,
+          sourceFormat: 'raw',
+          targetFormat: format,
+          options: createOptions,
+        });
+      }
     }
     const t1 = now();
-    const written = await writer.write(target, targetDisks, staging.dir);
-    for (const f of written) relocate(join(staging.dir, f), staging.dir, staging.outDir);
+    const { staging, targetDisks, written } = prepared;
     const files = [...targetDisks.map((d) => d.fileName), ...written];
     const report = baseReport(ctx, name, target.firmware, mapped.notes, format, extension);
     report.files = [...files, 'report.json'];
@@ -388,12 +460,25 @@ export async function warmMigrate(req: WarmMigrateRequest): Promise<WarmReport> 
       finalCopySeconds: finalRound?.seconds ?? 0,
       finalBytes: finalRound?.bytes ?? 0,
       convertSeconds: (t1 - t0) / 1000,
-      descriptorSeconds: (t2 - t1) / 1000,
+      descriptorSeconds: prepared.descriptorSeconds,
+      commitSeconds: (t2 - t1) / 1000,
+      prebuildSeconds: prepared.prebuildSeconds,
+      incremental: prepared.writers.every((w) => w.writer !== undefined),
       startSeconds: (startedAt - t2) / 1000,
       downtimeSeconds: (startedAt - stopAt) / 1000,
       coldCopySeconds: rate > 0 ? allocated / rate : 0,
+      coldDowntimeSeconds: 0,
     };
-    say(`cutover: downtime ${report.cutover.downtimeSeconds.toFixed(2)} s (cold copy ~${report.cutover.coldCopySeconds.toFixed(2)} s)`);
+    const c = report.cutover;
+    c.coldDowntimeSeconds =
+      c.stopSeconds +
+      c.coldCopySeconds +
+      c.prebuildSeconds +
+      c.convertSeconds +
+      c.descriptorSeconds +
+      c.commitSeconds +
+      c.startSeconds;
+    say(`cutover: downtime ${c.downtimeSeconds.toFixed(2)} s (a cold migration's ~${c.coldDowntimeSeconds.toFixed(2)} s)`);
 
     // Verify: the stopped source (read again) against the working copies the target was made from.
     for (const d of st.disks) {
@@ -429,6 +514,10 @@ export async function warmMigrate(req: WarmMigrateRequest): Promise<WarmReport> 
     }
     rmSync(dir, { recursive: true, force: true });
     return report;
+  } catch (err) {
+    for (const w of ctx.prepared?.writers ?? []) await w.writer?.abort().catch(() => {});
+    if (stagingOpened) abortStaging(stagingOpened);
+    throw err;
   } finally {
     await qmp?.close();
     try {
@@ -452,6 +541,17 @@ interface Ctx {
   predictedFinal?: number;
   stopSeconds?: number;
   closeExport?: () => Promise<void>;
+  prepare?: () => Promise<void>;
+  prepared?: Prepared;
+}
+
+interface Prepared {
+  staging: Staging;
+  targetDisks: TargetDisk[];
+  written: string[];
+  writers: { index: number; path: string; writer?: DiskWriter }[];
+  prebuildSeconds: number;
+  descriptorSeconds: number;
 }
 
 function baseReport(
@@ -471,6 +571,7 @@ function baseReport(
   if (st.rate && round0Bytes > 0) {
     const m = precopy(round0Bytes, d0, st.rate, 1, { maxDowntime: ctx.maxDowntime, maxRounds: ctx.maxRounds + 1 });
     model = { ...m, volume: round0Bytes, rate: st.rate, dirtyRate: d0 };
+    model.note += `; measured rounds are whole ${GRANULARITY / 1024} KiB bitmap granules, so a round the model puts below one granule per written spot still moves at least that`;
   }
   void volume;
   return {
@@ -515,7 +616,8 @@ async function blockInfo(qmp: QmpClient) {
 async function bitmapsOf(qmp: QmpClient, device: string): Promise<Map<string, { count: number; recording?: boolean }>> {
   const info = (await blockInfo(qmp)).find((b) => b.device === device || b.inserted?.['node-name'] === device);
   const out = new Map<string, { count: number; recording?: boolean }>();
-  for (const bm of info?.inserted?.['dirty-bitmaps'] ?? []) if (bm.name) out.set(bm.name, { count: bm.count, recording: bm.recording });
+  for (const bm of info?.inserted?.['dirty-bitmaps'] ?? [])
+    if (bm.name) out.set(bm.name, { count: bm.count, recording: bm.recording });
   return out;
 }
 
@@ -547,7 +649,8 @@ async function ensureNbdServer(ctx: Ctx): Promise<string> {
   ctx.save();
   // Exports left by a killed run.
   const exports = (await qmp.execute('query-block-exports')) as { id: string }[];
-  for (const e of exports) if (e.id.startsWith('vmferry-warm-')) await qmp.execute('block-export-del', { id: e.id, mode: 'hard' });
+  for (const e of exports)
+    if (e.id.startsWith('vmferry-warm-')) await qmp.execute('block-export-del', { id: e.id, mode: 'hard' });
   return sock;
 }
 
@@ -560,7 +663,11 @@ async function waitExportGone(qmp: QmpClient, id: string): Promise<void> {
 }
 
 /** Exports one disk read-only over QEMU's NBD server, with `bitmap` when given; returns a reader. */
-async function exportDisk(ctx: Ctx, d: DiskState, bitmap?: string): Promise<{ reader: NbdDiskReader; close: () => Promise<void> }> {
+async function exportDisk(
+  ctx: Ctx,
+  d: DiskState,
+  bitmap?: string,
+): Promise<{ reader: NbdDiskReader; close: () => Promise<void> }> {
   const qmp = ctx.qmp!;
   const id = `vmferry-warm-${d.index}-${randomBytes(3).toString('hex')}`;
   await qmp.execute('block-export-add', {
@@ -586,7 +693,9 @@ async function exportDisk(ctx: Ctx, d: DiskState, bitmap?: string): Promise<{ re
       if (closed) return;
       closed = true;
       await reader.close();
-      await qmp.execute('block-export-del', { id }).catch(() => qmp.execute('block-export-del', { id, mode: 'hard' }).catch(() => {}));
+      await qmp
+        .execute('block-export-del', { id })
+        .catch(() => qmp.execute('block-export-del', { id, mode: 'hard' }).catch(() => {}));
       await waitExportGone(qmp, id);
     },
   };
@@ -604,7 +713,10 @@ async function trackedPrecopy(ctx: Ctx, fresh: boolean): Promise<void> {
     const b = blocks.find((x) => x.inserted && [x.inserted.file, x.inserted.image?.filename].some((f) => f && real(f) === want));
     if (!b?.inserted) {
       const have = blocks.filter((x) => x.inserted).map((x) => `${x.device || x.qdev}: ${x.inserted!.file}`);
-      throw new UsageError(`the running VM has no block device on ${d.source} (it has ${have.join('; ') || 'none'})`, ctx.req.sourceQmp!);
+      throw new UsageError(
+        `the running VM has no block device on ${d.source} (it has ${have.join('; ') || 'none'})`,
+        ctx.req.sourceQmp!,
+      );
     }
     d.device = b.device || b.qdev;
     d.node = b.inserted['node-name'];
@@ -629,14 +741,17 @@ async function trackedPrecopy(ctx: Ctx, fresh: boolean): Promise<void> {
     }
     if (d.frozen && !have.has(d.frozen)) d.frozen = undefined;
     if (d.bitmap && !have.has(d.bitmap)) {
-      st.warnings.push(`disk${d.index}: QEMU lost the dirty bitmap ${d.bitmap} (restarted?); copying the disk again from round 0`);
+      st.warnings.push(
+        `disk${d.index}: QEMU lost the dirty bitmap ${d.bitmap} (restarted?); copying the disk again from round 0`,
+      );
       d.bitmap = undefined;
       d.frozen = undefined;
       d.round0Done = 0;
       d.round0Complete = false;
     }
     if (!d.bitmap) {
-      if (st.phase !== 'precopy') throw new VmferryError('the source is stopped and its dirty bitmap is gone; start over', ctx.dir);
+      if (st.phase !== 'precopy')
+        throw new VmferryError('the source is stopped and its dirty bitmap is gone; start over', ctx.dir);
       d.bitmap = bitmapName();
       d.bitmapSince = now();
       await qmp.execute('block-dirty-bitmap-add', { node: d.node, name: d.bitmap, granularity: GRANULARITY, persistent: false });
@@ -731,6 +846,7 @@ async function trackedPrecopy(ctx: Ctx, fresh: boolean): Promise<void> {
       await swapBitmaps(ctx);
       await copyFrozen(ctx, st.rounds.length, false);
     }
+    await ctx.prepare?.();
     await stopSource(ctx);
   } else {
     ctx.cutoverReason = 'continuing a cutover a killed run began (the source was already stopped)';
@@ -804,7 +920,11 @@ async function copyFrozen(ctx: Ctx, round: number, resumed: boolean, final = fal
     try {
       const list: Range[] = [];
       for await (const r of ex.reader.dirtyExtents()) list.push(r);
-      const s = await copyRanges(ex.reader, work, list, { rateLimit: final ? 0 : ctx.req.rateLimit });
+      const target = final ? ctx.prepared?.writers.find((w) => w.index === d.index)?.writer : undefined;
+      const s = await copyRanges(ex.reader, work, list, {
+        rateLimit: ctx.req.rateLimit,
+        also: target ? (offset, data) => target.write(offset, data) : undefined,
+      });
       work.sync();
       bytes += s.bytes;
       ranges += s.ranges;
@@ -905,7 +1025,7 @@ async function digestPrecopy(ctx: Ctx): Promise<boolean> {
       const src = await openImage(d.source, { allowExternalFiles: ctx.req.allowExternalFiles });
       const work = WorkFile.open(join(ctx.dir, d.work), d.virtualSize);
       try {
-        const s = await syncByDigest(src, work, { rateLimit: final ? 0 : ctx.req.rateLimit });
+        const s = await syncByDigest(src, work, { rateLimit: ctx.req.rateLimit });
         bytes += s.bytes;
         ranges += s.changedChunks;
         compared += s.comparedBytes;
@@ -927,7 +1047,9 @@ async function digestPrecopy(ctx: Ctx): Promise<boolean> {
     });
     st.rate = compared / Math.max(seconds, 1e-6);
     ctx.save();
-    ctx.say(`digest pass ${round}${final ? ' (final)' : ''}: ${ranges} chunk(s) differed, ${fmtBytes(bytes)} copied, ${seconds.toFixed(2)} s`);
+    ctx.say(
+      `digest pass ${round}${final ? ' (final)' : ''}: ${ranges} chunk(s) differed, ${fmtBytes(bytes)} copied, ${seconds.toFixed(2)} s`,
+    );
     return { bytes, seconds };
   };
   if (ctx.req.final) {
@@ -966,7 +1088,15 @@ async function startTarget(
   const serialLog = join(outDir, `${name}.serial.log`);
   let qmpSock = join(outDir, `${name}.qmp`);
   if (qmpSock.length > 100) qmpSock = join(mkdtempSync(join(tmpdir(), 'vmferry-qmp-')), 'target.qmp');
-  const args = [join(outDir, script), '-display', 'none', '-serial', `file:${serialLog}`, '-qmp', `unix:${qmpSock},server=on,wait=off`];
+  const args = [
+    join(outDir, script),
+    '-display',
+    'none',
+    '-serial',
+    `file:${serialLog}`,
+    '-qmp',
+    `unix:${qmpSock},server=on,wait=off`,
+  ];
   const child: ChildProcess = spawn('sh', args, { detached: true, stdio: 'ignore', cwd: outDir });
   child.unref();
   let exited: number | null | undefined;
