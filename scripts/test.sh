@@ -28,6 +28,8 @@ have mcopy || missing+=(mtools)
 have mkfs.fat || missing+=(dosfstools)
 [ -f /usr/lib/grub/x86_64-efi/linux.mod ] || missing+=(grub-efi-amd64-bin)
 have grub-mkstandalone || missing+=(grub-common)
+have strace || missing+=(strace)
+have openssl || missing+=(openssl)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "test.sh: installing test oracles: ${missing[*]}"
   sudo=""
