@@ -23,7 +23,7 @@ export function warmSummary(r: WarmReport): string {
     const predicted = x.predictedBytes !== undefined ? `, model ${mib(x.predictedBytes)}` : '';
     const dirty = x.dirtyRate !== undefined ? `, dirty rate ${mib(x.dirtyRate)}/s` : '';
     lines.push(
-      `  round ${x.round}${x.final ? ' (final, source stopped)' : ''}${x.resumed ? ' (resumed)' : ''}: ${x.blocks} ranges, ${mib(x.bytes)} in ${x.seconds.toFixed(3)} s${dirty}${predicted}`,
+      `  round ${x.round}${x.final ? ' (final, source stopped)' : ''}${x.resumed ? ' (resumed)' : ''}: ${x.blocks} blocks of ${x.blockSize / 1024} KiB in ${x.ranges} runs, ${mib(x.bytes)} in ${x.seconds.toFixed(3)} s${dirty}${predicted}`,
     );
   }
   if (r.model) lines.push(`  model: ${r.model.note}`);

@@ -23,9 +23,13 @@
 import { type ChildProcess, spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import {
+  closeSync,
   existsSync,
+  fsyncSync,
   mkdirSync,
   mkdtempSync,
+  openSync,
+  readdirSync,
   readFileSync,
   realpathSync,
   renameSync,
@@ -87,8 +91,11 @@ export interface WarmMigrateRequest extends ReadVmOptions {
 
 export interface RoundReport {
   round: number;
-  /** Ranges the source named (allocated extents in round 0, dirty runs later). */
+  /** Blocks of `blockSize` bytes copied (bitmap granules; digest chunks that differed). */
   blocks: number;
+  blockSize: number;
+  /** Runs of contiguous blocks (allocated extents in round 0, dirty runs later). */
+  ranges: number;
   bytes: number;
   seconds: number;
   /** Bytes per second copied. */
@@ -203,6 +210,8 @@ interface WarmState {
 
 const STATE = 'state.json';
 const GRANULARITY = 64 * 1024;
+/** Digest fallback chunk (syncByDigest's default). */
+const DIGEST_CHUNK = 1024 * 1024;
 
 function now(): number {
   return Date.now();
@@ -805,19 +814,29 @@ async function trackedPrecopy(ctx: Ctx, fresh: boolean): Promise<void> {
     const prev = st.rounds.find((r) => r.round === 0);
     if (prev) {
       prev.bytes += bytes;
-      prev.blocks += ranges;
+      prev.ranges += ranges;
+      prev.blocks = Math.ceil(prev.bytes / GRANULARITY);
       prev.seconds += seconds;
       prev.rate = prev.bytes / Math.max(prev.seconds, 1e-6);
       prev.resumed = true;
     } else {
-      st.rounds.push({ round: 0, blocks: ranges, bytes, seconds, rate: bytes / Math.max(seconds, 1e-6), resumed });
+      st.rounds.push({
+        round: 0,
+        blocks: Math.ceil(bytes / GRANULARITY),
+        blockSize: GRANULARITY,
+        ranges,
+        bytes,
+        seconds,
+        rate: bytes / Math.max(seconds, 1e-6),
+        resumed,
+      });
     }
     const r0 = st.rounds.find((r) => r.round === 0)!;
     st.rate = ctx.req.rateLimit ? Math.min(r0.rate, ctx.req.rateLimit) : r0.rate;
     ctx.save();
     ctx.say(`round 0: ${fmtBytes(bytes)} in ${seconds.toFixed(2)} s`);
   } else if (!st.rounds.some((r) => r.round === 0)) {
-    st.rounds.push({ round: 0, blocks: 0, bytes: 0, seconds: 0, rate: 0 });
+    st.rounds.push({ round: 0, blocks: 0, blockSize: GRANULARITY, ranges: 0, bytes: 0, seconds: 0, rate: 0 });
   }
 
   // A frozen bitmap a killed run did not finish copying.
@@ -847,6 +866,7 @@ async function trackedPrecopy(ctx: Ctx, fresh: boolean): Promise<void> {
       await copyFrozen(ctx, st.rounds.length, false);
     }
     await ctx.prepare?.();
+    if (ctx.prepared) syncFolder(ctx.prepared.staging.dir);
     await stopSource(ctx);
   } else {
     ctx.cutoverReason = 'continuing a cutover a killed run began (the source was already stopped)';
@@ -943,7 +963,9 @@ async function copyFrozen(ctx: Ctx, round: number, resumed: boolean, final = fal
   const predictedBytes = r0 && r0.bytes > 0 ? r0.bytes * (d0 / rate) ** round : undefined;
   st.rounds.push({
     round,
-    blocks: ranges,
+    blocks: Math.ceil(bytes / GRANULARITY),
+    blockSize: GRANULARITY,
+    ranges,
     bytes,
     seconds,
     rate: bytes / Math.max(seconds, 1e-6),
@@ -1039,6 +1061,8 @@ async function digestPrecopy(ctx: Ctx): Promise<boolean> {
     st.rounds.push({
       round,
       blocks: ranges,
+      blockSize: DIGEST_CHUNK,
+      ranges,
       bytes,
       seconds,
       rate: compared / Math.max(seconds, 1e-6),
@@ -1120,6 +1144,21 @@ async function startTarget(
   }
   say(`target started: ${args.join(' ')}`);
   return { command: `sh ${args.join(' ')}`, pid: child.pid, serialLog, qmp: qmpSock };
+}
+
+/** Flushes every file of a folder to stable storage (the target disks built before the stop). */
+function syncFolder(folder: string): void {
+  for (const f of readdirSync(folder)) {
+    let fd: number | undefined;
+    try {
+      fd = openSync(join(folder, f), 'r');
+      fsyncSync(fd);
+    } catch {
+      // best effort: finish() syncs again
+    } finally {
+      if (fd !== undefined) closeSync(fd);
+    }
+  }
 }
 
 /** Rewrites the staging folder's path to the final folder's in a small text descriptor. */
