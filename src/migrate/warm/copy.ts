@@ -138,7 +138,7 @@ export interface DigestSyncStats extends CopyStats {
   chunks: number;
   /** Chunks whose digests differed (copied). */
   changedChunks: number;
-  /** Bytes read from the source to compare. */
+  /** Bytes read from the source to compare (its data extents; zero stretches are not read). */
   comparedBytes: number;
 }
 
@@ -159,23 +159,36 @@ export async function syncByDigest(
   let compared = 0;
   const mine = Buffer.allocUnsafe(chunk);
   const digest = (b: Buffer) => createHash('sha256').update(b).digest();
-  // Only allocated stretches of the source can differ from a working copy that started as zeros
-  // and was filled from this source, but a source may have been trimmed since: compare everything.
-  for (let p = 0; p < source.virtualSize; p += chunk) {
-    const n = Math.min(chunk, source.virtualSize - p);
-    const theirs = await source.read(p, n);
-    compared += n;
-    chunks++;
-    const ours = work.read(p, n, mine.subarray(0, n));
-    if (!digest(theirs).equals(digest(ours))) {
-      work.write(p, theirs);
-      changed++;
-      bytes += n;
-    }
+  const throttle = async () => {
     if (o.rateLimit && o.rateLimit > 0) {
       const elapsed = Number(process.hrtime.bigint() - started) / 1e9;
       const due = compared / o.rateLimit;
       if (due > elapsed) await sleep((due - elapsed) * 1000);
+    }
+  };
+  // Stretches the source maps as zero or unallocated are not read from it: the working copy's
+  // chunk (read locally) only has to be zero there too. Data stretches are compared by digest.
+  for await (const e of source.extents()) {
+    for (let p = e.offset; p < e.offset + e.length; p += chunk) {
+      const n = Math.min(chunk, e.offset + e.length - p);
+      chunks++;
+      const ours = work.read(p, n, mine.subarray(0, n));
+      if (e.kind !== 'data') {
+        if (!isZero(ours, 0, n)) {
+          work.write(p, Buffer.alloc(n));
+          changed++;
+          bytes += n;
+        }
+        continue;
+      }
+      const theirs = await source.read(p, n);
+      compared += n;
+      if (!digest(theirs).equals(digest(ours))) {
+        work.write(p, theirs);
+        changed++;
+        bytes += n;
+      }
+      await throttle();
     }
   }
   work.sync();

@@ -580,7 +580,8 @@ function baseReport(
   if (st.rate && round0Bytes > 0) {
     const m = precopy(round0Bytes, d0, st.rate, 1, { maxDowntime: ctx.maxDowntime, maxRounds: ctx.maxRounds + 1 });
     model = { ...m, volume: round0Bytes, rate: st.rate, dirtyRate: d0 };
-    model.note += `; measured rounds are whole ${GRANULARITY / 1024} KiB bitmap granules, so a round the model puts below one granule per written spot still moves at least that`;
+    if (ctx.req.sourceQmp)
+      model.note += `; measured rounds are whole ${GRANULARITY / 1024} KiB bitmap granules, so a round the model puts below one granule per written spot still moves at least that`;
   }
   void volume;
   return {
