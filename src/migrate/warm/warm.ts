@@ -514,14 +514,15 @@ export async function warmMigrate(req: WarmMigrateRequest): Promise<WarmReport> 
     const finalPath = join(staging.outDir, 'report.json');
     writeFileSync(`${finalPath}.tmp`, `${JSON.stringify(report, null, 2)}\n`);
     renameSync(`${finalPath}.tmp`, finalPath);
-    if (qmp) await finishSource(ctx);
     if (bad.length > 0) {
       throw new VmferryError(
-        `verification failed: the working copy differs from the stopped source for disk(s) ${bad.map((x) => x.index).join(', ')}; the source is kept (${st.stoppedBy})`,
+        `verification failed: the working copy differs from the stopped source for disk(s) ${bad.map((x) => x.index).join(', ')}; the source QEMU is left as it is (${st.stoppedBy})`,
         req.outDir,
       );
     }
+    // The state goes first: a run killed after this point has nothing left to continue.
     rmSync(dir, { recursive: true, force: true });
+    if (qmp) await finishSource(ctx);
     return report;
   } catch (err) {
     for (const w of ctx.prepared?.writers ?? []) await w.writer?.abort().catch(() => {});
