@@ -205,3 +205,70 @@ test('a guest that ignores the ACPI power button is paused after --shutdown-time
   await qmpOnce(vm.b, async (q) => assert.equal((await q.execute('query-status')).status, 'paused'));
   await vm.proc.kill();
 });
+
+test('killed between a bitmap swap and the end of its round: the rerun copies the frozen bitmap first, nothing lost', {
+  timeout: 180_000,
+}, async (t) => {
+  const dir = tmpDir('vmferry-warm-swap-');
+  const image = join(dir, 'src.qcow2');
+  qemuImg('convert', '-f', 'raw', '-O', 'qcow2', sparseRawImage(64 * MiB, 'sparse-64M-nbd.raw'), image);
+  const vm = startQemu(dir, image);
+  await waitFor('QMP socket', () => existsSync(vm.a) && existsSync(vm.b), 30_000);
+  const out = join(dir, 'out');
+  const args = [
+    'migrate',
+    '--warm',
+    '-p',
+    '--source-qmp',
+    vm.a,
+    image,
+    '--to',
+    'qemu',
+    '--out',
+    out,
+    '--pause',
+    '--no-start',
+    '--max-downtime',
+    '0.01',
+    '--output=json',
+  ];
+  const first = startVmferry([...args, '--rate-limit', '1M']);
+  cleanups.push(() => first.kill('SIGKILL'));
+  await waitFor('round 0 progress', () => /round 0: disk0 at [1-9]/.test(first.err()), 60_000);
+  // 3 MiB written during round 0: round 1 has them to copy, at 1 MiB/s.
+  await qmpOnce(vm.b, (q) => q.execute('human-monitor-command', { 'command-line': 'qemu-io disk0 "write -P 0x77 30M 3M"' }));
+  const stateFile = join(dir, '.out.vmferry-warm', 'state.json');
+  const frozen = await waitFor(
+    'a frozen bitmap (round 1 running)',
+    () => {
+      try {
+        return JSON.parse(fileText(stateFile)).disks[0].frozen as string | undefined;
+      } catch {
+        return undefined;
+      }
+    },
+    60_000,
+  );
+  await first.kill('SIGKILL');
+  // Writes after the kill land in the new (recording) bitmap; the frozen one is still in QEMU.
+  await qmpOnce(vm.b, async (q) => {
+    await q.execute('human-monitor-command', { 'command-line': 'qemu-io disk0 "write -P 0x78 50M 64k"' });
+    const names = ((await q.execute('query-block'))[0]!.inserted!['dirty-bitmaps'] ?? []).map((b) => b.name);
+    assert.ok(names.includes(frozen), `${frozen} in ${names}`);
+    assert.equal(names.length, 2);
+  });
+  const second = startVmferry(args);
+  cleanups.push(() => second.kill('SIGKILL'));
+  assert.equal(await second.done, 0, second.err());
+  const report = JSON.parse(second.out()) as WarmReport;
+  t.diagnostic(JSON.stringify(report.rounds));
+  const resumed = report.rounds.find((r) => r.resumed && r.round > 0);
+  assert.ok(resumed && resumed.bytes >= 3 * MiB, 'the frozen bitmap was copied by the rerun');
+  assert.equal(report.disks[0]!.verified, true);
+  const target = join(out, readdirSync(out).find((f) => f.endsWith('.qcow2'))!);
+  runOk('qemu-img', ['compare', '-U', '-f', 'qcow2', '-F', 'qcow2', image, target]);
+  await qmpOnce(vm.b, async (q) => {
+    assert.deepEqual((await q.execute('query-block'))[0]!.inserted!['dirty-bitmaps'] ?? [], []);
+  });
+  await vm.proc.kill();
+});
