@@ -79,6 +79,7 @@ const MAX_STATUS_PAYLOAD = 64 * 1024 * 1024;
 class ByteStream {
   private chunks: Buffer[] = [];
   private available = 0;
+  /** n = 0: wake as soon as any byte is buffered, consuming nothing. */
   private waiter?: { n: number; resolve: (b: Buffer) => void; reject: (e: Error) => void };
   private error?: Error;
   private readonly onData = (b: Buffer) => {
@@ -118,7 +119,10 @@ class ByteStream {
 
   private wake(): void {
     const w = this.waiter;
-    if (w && this.available >= w.n) {
+    if (w && w.n === 0 && this.available > 0) {
+      this.waiter = undefined;
+      w.resolve(Buffer.alloc(0));
+    } else if (w && w.n > 0 && this.available >= w.n) {
       this.waiter = undefined;
       w.resolve(this.take(w.n));
     }
@@ -143,6 +147,27 @@ class ByteStream {
       else this.chunks[0] = c.subarray(k);
     }
     return out;
+  }
+
+  /** Reads exactly target.length bytes straight into `target` (no intermediate buffer). */
+  async readInto(target: Buffer): Promise<void> {
+    let done = 0;
+    while (done < target.length) {
+      if (this.available === 0) {
+        if (this.error) throw this.error;
+        await new Promise<void>((resolve, reject) => {
+          this.waiter = { n: 0, resolve: () => resolve(), reject };
+        });
+        continue;
+      }
+      const c = this.chunks[0]!;
+      const k = Math.min(c.length, target.length - done);
+      c.copy(target, done, 0, k);
+      done += k;
+      this.available -= k;
+      if (k === c.length) this.chunks.shift();
+      else this.chunks[0] = c.subarray(k);
+    }
   }
 
   read(n: number): Promise<Buffer> {
@@ -438,8 +463,7 @@ export class NbdConnection {
           this.pending.delete(cookie);
           if (error) p.reject(this.commandError(p, error));
           else if (p.kind === 'read') {
-            const data = await this.stream.read(p.length);
-            data.copy(p.into, 0);
+            await this.stream.readInto(p.into.subarray(0, p.length));
             p.resolve(p.into);
           } else p.reject(this.protocolError('simple reply to a block status request'));
         } else if (magic === STRUCTURED_REPLY_MAGIC) {
@@ -452,8 +476,16 @@ export class NbdConnection {
           if (!p) throw this.protocolError(`reply chunk for unknown request ${cookie}`);
           const limit = p.kind === 'read' ? p.length + 8 : MAX_STATUS_PAYLOAD;
           if (length > limit) throw this.protocolError(`reply chunk of ${length} bytes for a ${p.length}-byte request`);
-          const payload = length ? await this.stream.read(length) : Buffer.alloc(0);
-          this.chunk(p, type, payload);
+          if (p.kind === 'read' && type === REPLY_TYPE_OFFSET_DATA && length >= 8) {
+            // Data goes straight from the socket into the caller's buffer, after a bounds check.
+            const at = Number((await this.stream.read(8)).readBigUInt64BE(0)) - p.offset;
+            const n = length - 8;
+            if (at < 0 || at + n > p.length) throw this.protocolError('read chunk outside the request');
+            await this.stream.readInto(p.into.subarray(at, at + n));
+          } else {
+            const payload = length ? await this.stream.read(length) : Buffer.alloc(0);
+            this.chunk(p, type, payload);
+          }
           if (flags & REPLY_FLAG_DONE) {
             this.pending.delete(cookie);
             if (p.error) p.reject(new VmferryError(p.error, this.name));
