@@ -30,19 +30,8 @@ test('streamOptimized written to a FIFO is identical to the file', async () => {
   runOk('mkfifo', [fifo]);
   const reader = spawn('sh', ['-c', 'cat "$1" > "$2"', 'sh', fifo, captured], { stdio: 'ignore' });
   const exited = new Promise<number>((resolve) => reader.on('exit', (code) => resolve(code ?? -1)));
-  // The writer runs in its own process: the pipe closes (EOF for cat) when that process ends.
-  const helpers = new URL('./vmdk-helpers.js', import.meta.url).href;
-  const script = `const m = await import(${JSON.stringify(helpers)});
-await m.toVmdk(process.argv[1], process.argv[2], { subformat: 'streamOptimized', adapter_type: 'lsilogic', hwversion: '13' });`;
-  const writer = spawn(process.execPath, ['--input-type=module', '-e', script, raw, fifo], {
-    stdio: ['ignore', 'ignore', 'pipe'],
-  });
-  let stderr = '';
-  writer.stderr.on('data', (d) => {
-    stderr += d;
-  });
-  const wrote = await new Promise<number>((resolve) => writer.on('exit', (code) => resolve(code ?? -1)));
-  assert.equal(wrote, 0, stderr);
+  // The sink closes the FIFO when the image is complete, so cat sees end-of-file.
+  await toVmdk(raw, fifo, { subformat: 'streamOptimized', adapter_type: 'lsilogic', hwversion: '13' });
   assert.equal(await exited, 0);
   assert.ok(readFileSync(captured).equals(readFileSync(first)));
 });
