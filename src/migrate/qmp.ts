@@ -207,7 +207,7 @@ export class QmpClient {
     const match = (e: QmpEvent) => e.event === name && (options.match ? options.match(e) : true);
     const queued = this.events.findIndex(match);
     if (queued >= 0) return Promise.resolve(this.events.splice(queued, 1)[0]!);
-    if (this.closedError && name !== 'SHUTDOWN') return Promise.reject(this.closedError);
+    if (this.closedError) return Promise.reject(this.closedError);
     const timeoutMs = options.timeoutMs ?? this.defaultTimeout;
     return new Promise<QmpEvent>((resolve, reject) => {
       const waiter = {

@@ -332,7 +332,6 @@ export async function warmMigrate(req: WarmMigrateRequest): Promise<WarmReport> 
       req.outDir,
     );
   }
-  const fresh = !state;
   if (!state) {
     state = {
       version: 1,
@@ -417,7 +416,7 @@ export async function warmMigrate(req: WarmMigrateRequest): Promise<WarmReport> 
     if (req.sourceQmp) {
       qmp = await QmpClient.connect(req.sourceQmp);
       ctx.qmp = qmp;
-      await trackedPrecopy(ctx, fresh);
+      await trackedPrecopy(ctx);
     } else {
       const done = await digestPrecopy(ctx);
       if (!done) {
@@ -574,7 +573,6 @@ function baseReport(
 ): WarmReport {
   const st = ctx.state;
   const r0 = st.rounds.filter((r) => r.round === 0);
-  const volume = st.disks.reduce((s, d) => s + d.virtualSize, 0);
   const round0Bytes = r0.reduce((s, r) => s + r.bytes, 0);
   const d0 = st.rounds.find((r) => r.round === 1)?.dirtyRate ?? 0;
   let model: WarmReport['model'];
@@ -584,7 +582,6 @@ function baseReport(
     if (ctx.req.sourceQmp)
       model.note += `; measured rounds are whole ${GRANULARITY / 1024} KiB bitmap granules, so a round the model puts below one granule per written spot still moves at least that`;
   }
-  void volume;
   return {
     tool: 'vmferry',
     mode: 'warm',
@@ -712,7 +709,7 @@ async function exportDisk(
   };
 }
 
-async function trackedPrecopy(ctx: Ctx, fresh: boolean): Promise<void> {
+async function trackedPrecopy(ctx: Ctx): Promise<void> {
   const qmp = ctx.qmp!;
   const st = ctx.state;
   const status = await qmp.execute('query-status');
@@ -770,7 +767,6 @@ async function trackedPrecopy(ctx: Ctx, fresh: boolean): Promise<void> {
     }
   }
   ctx.save();
-  void fresh;
 
   // Round 0: everything allocated.
   if (st.disks.some((d) => !d.round0Complete)) {
