@@ -14,6 +14,26 @@ export const openingOptions = {
 
 export const outputOption = { output: { type: 'string', default: 'human' } } as const satisfies OptionSpec;
 
+/** -f, -O and -o, as every command that reads one format and writes another names them. */
+export const conversionOptions = {
+  format: { type: 'string', short: 'f' },
+  'target-format': { type: 'string', short: 'O' },
+  options: { type: 'string', short: 'o', multiple: true },
+} as const satisfies OptionSpec;
+
+/** The checks migrate and migrate --warm share: --to and --out given, --force-firmware well formed. */
+export function checkMigrateOptions<T extends { to?: string; out?: string; 'force-firmware'?: string }>(
+  values: T,
+  usage: string,
+): asserts values is T & { to: string; out: string; 'force-firmware'?: 'bios' | 'uefi' } {
+  if (!values.to) throw new UsageError(`--to is required; usage: ${usage}`);
+  if (!values.out) throw new UsageError(`--out is required; usage: ${usage}`);
+  const force = values['force-firmware'];
+  if (force !== undefined && force !== 'bios' && force !== 'uefi') {
+    throw new UsageError(`--force-firmware must be bios or uefi, not '${force}'`);
+  }
+}
+
 /** util.parseArgs with its errors turned into one-line usage errors. */
 type Parsed<T extends OptionSpec> = ReturnType<
   typeof parseArgs<{ args: string[]; options: T; allowPositionals: true; strict: true }>

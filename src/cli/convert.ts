@@ -1,6 +1,7 @@
 import { parseSize } from '../disk/options.js';
 import { convertImage } from '../ops/convert.js';
 import {
+  conversionOptions,
   humanSize,
   mergeOptionStrings,
   openingOptions,
@@ -21,9 +22,7 @@ export async function convertCommand(args: string[]): Promise<number> {
     {
       ...openingOptions,
       ...outputOption,
-      format: { type: 'string', short: 'f' },
-      'target-format': { type: 'string', short: 'O' },
-      options: { type: 'string', short: 'o', multiple: true },
+      ...conversionOptions,
       compress: { type: 'boolean', short: 'c' },
       progress: { type: 'boolean', short: 'p' },
       backing: { type: 'string', short: 'B' },

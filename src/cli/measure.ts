@@ -2,7 +2,7 @@ import { UsageError } from '../disk/errors.js';
 import { parseSize } from '../disk/options.js';
 import { openImage } from '../disk/registry.js';
 import { measureImage } from '../ops/measure.js';
-import { mergeOptionStrings, openingOptions, outputMode, outputOption, parse, printJson } from './common.js';
+import { conversionOptions, mergeOptionStrings, openingOptions, outputMode, outputOption, parse, printJson } from './common.js';
 
 export const usage = 'vmferry measure -O FMT [-o OPTIONS] [-f FMT] [--size SIZE | SRC] [--output=human|json]';
 
@@ -12,9 +12,7 @@ export async function measureCommand(args: string[]): Promise<number> {
     {
       ...openingOptions,
       ...outputOption,
-      format: { type: 'string', short: 'f' },
-      'target-format': { type: 'string', short: 'O' },
-      options: { type: 'string', short: 'o', multiple: true },
+      ...conversionOptions,
       size: { type: 'string' },
     },
     usage,

@@ -3,7 +3,16 @@ import { UsageError } from '../disk/errors.js';
 import { type WarmReport, warmMigrate } from '../migrate/warm/warm.js';
 import { parseRate } from '../plan/estimate.js';
 import { targetWriters } from '../vm/registry.js';
-import { mergeOptionStrings, openingOptions, outputMode, outputOption, parse, positionals, printJson } from './common.js';
+import {
+  checkMigrateOptions,
+  mergeOptionStrings,
+  openingOptions,
+  outputMode,
+  outputOption,
+  parse,
+  positionals,
+  printJson,
+} from './common.js';
 import { readOptionsFrom, vmSourceOptions } from './inspect.js';
 
 export const warmUsage = `vmferry migrate --warm [--source-qmp SOCKET] SOURCE --to ${targetWriters.map((w) => w.profile.target).join('|')} --out DIR [--max-downtime SECONDS] [--max-rounds N] [--pause] [--shutdown-timeout SECONDS] [--rate-limit RATE] [--no-start] [--final] [-p] [--disk-bus BUS] [--nic-model MODEL] [--disk-format FMT] [-o OPTIONS] [--firmware bios|uefi] [--cpus N] [--memory SIZE] [--name NAME] [--output=human|json]`;
@@ -72,12 +81,8 @@ export async function warmMigrateCommand(args: string[]): Promise<number> {
     warmUsage,
   );
   const [source] = positionals(pos, 1, warmUsage, ['SOURCE']);
-  if (!values.to) throw new UsageError(`--to is required; usage: ${warmUsage}`);
-  if (!values.out) throw new UsageError(`--out is required; usage: ${warmUsage}`);
+  checkMigrateOptions(values, warmUsage);
   const force = values['force-firmware'];
-  if (force !== undefined && force !== 'bios' && force !== 'uefi') {
-    throw new UsageError(`--force-firmware must be bios or uefi, not '${force}'`);
-  }
   if (values.final && values['source-qmp']) {
     throw new UsageError('--final is for sources without --source-qmp; with QMP vmferry stops the source itself');
   }

@@ -6,7 +6,16 @@ import { parseRate } from '../plan/estimate.js';
 import { WIRE_CODECS, type WireCodec } from '../transfer/protocol.js';
 import { readToken } from '../transfer/security.js';
 import { targetWriters } from '../vm/registry.js';
-import { mergeOptionStrings, openingOptions, outputMode, outputOption, parse, positionals, printJson } from './common.js';
+import {
+  checkMigrateOptions,
+  mergeOptionStrings,
+  openingOptions,
+  outputMode,
+  outputOption,
+  parse,
+  positionals,
+  printJson,
+} from './common.js';
 import { readOptionsFrom, vmSourceOptions } from './inspect.js';
 import { warmMigrateCommand } from './migrate-warm.js';
 import { progressReporter } from './progress.js';
@@ -38,12 +47,8 @@ export async function migrateCommand(args: string[]): Promise<number> {
     usage,
   );
   const [source] = positionals(pos, 1, usage, ['SOURCE']);
-  if (!values.to) throw new UsageError(`--to is required; usage: ${usage}`);
-  if (!values.out) throw new UsageError(`--out is required; usage: ${usage}`);
+  checkMigrateOptions(values, usage);
   const force = values['force-firmware'];
-  if (force !== undefined && force !== 'bios' && force !== 'uefi') {
-    throw new UsageError(`--force-firmware must be bios or uefi, not '${force}'`);
-  }
   let remote: { token: string; fingerprint?: string; codec: WireCodec; streams?: number; rate?: number } | undefined;
   if (isRemoteOut(values.out)) {
     const codec = (values.compress ?? 'zstd') as WireCodec;

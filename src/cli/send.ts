@@ -4,6 +4,7 @@ import { sendImage } from '../transfer/client.js';
 import { WIRE_CODECS, type WireCodec } from '../transfer/protocol.js';
 import { readToken } from '../transfer/security.js';
 import {
+  conversionOptions,
   humanSize,
   mergeOptionStrings,
   openingOptions,
@@ -24,9 +25,7 @@ export async function sendCommand(args: string[]): Promise<number> {
     {
       ...openingOptions,
       ...outputOption,
-      format: { type: 'string', short: 'f' },
-      'target-format': { type: 'string', short: 'O' },
-      options: { type: 'string', short: 'o', multiple: true },
+      ...conversionOptions,
       compress: { type: 'string', short: 'c' },
       level: { type: 'string' },
       rate: { type: 'string' },
