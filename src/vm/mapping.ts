@@ -63,6 +63,17 @@ const VMWARE: TargetCapabilities = {
 };
 
 /** Built-in knowledge per target, used where a writer's profile leaves a list empty. */
+const HYPERV: TargetCapabilities = {
+  firmware: ['bios', 'uefi'],
+  diskBuses: ['ide', 'scsi'],
+  scsiModels: ['hyperv-scsi'],
+  nicModels: ['hyperv'],
+  scsiPreference: ['hyperv-scsi'],
+  nicPreference: ['hyperv'],
+  busPreference: ['scsi', 'ide'],
+  kvm: false,
+};
+
 export const TARGET_CAPABILITIES: Record<string, TargetCapabilities> = {
   libvirt: KVM,
   qemu: KVM,
@@ -79,26 +90,9 @@ export const TARGET_CAPABILITIES: Record<string, TargetCapabilities> = {
     busPreference: ['sata', 'scsi', 'ide'],
     kvm: false,
   },
-  hyperv: {
-    firmware: ['bios', 'uefi'],
-    diskBuses: ['ide', 'scsi'],
-    scsiModels: ['hyperv-scsi'],
-    nicModels: ['hyperv'],
-    scsiPreference: ['hyperv-scsi'],
-    nicPreference: ['hyperv'],
-    busPreference: ['scsi', 'ide'],
-    kvm: false,
-  },
-  azure: {
-    firmware: ['bios', 'uefi'],
-    diskBuses: ['ide', 'scsi'],
-    scsiModels: ['hyperv-scsi'],
-    nicModels: ['hyperv'],
-    scsiPreference: ['hyperv-scsi'],
-    nicPreference: ['hyperv'],
-    busPreference: ['scsi', 'ide'],
-    kvm: false,
-  },
+  hyperv: HYPERV,
+  // Azure runs Hyper-V: the same devices.
+  azure: HYPERV,
 };
 
 const GENERIC: TargetCapabilities = KVM;

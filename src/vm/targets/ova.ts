@@ -13,7 +13,7 @@ import { writeOva } from '../../package/ova.js';
 import type { TargetDisk, TargetWriter } from '../dialect.js';
 import { safeVmName, type VmModel } from '../model.js';
 import { apiGuestFromVmx } from '../readers/vmx.js';
-import { placeDevices, vmwareGuestId, vmwareHwVersion, vmwareMemoryMiB } from './vmware.js';
+import { placeDevices, vmwareGuestId, vmwareHwVersion, vmwareMemoryMiB, vmwareTarget } from './vmware.js';
 
 export const STREAM_OPTIMIZED_URI = 'http://www.vmware.com/interfaces/specifications/vmdk.html#streamOptimized';
 
@@ -238,16 +238,8 @@ async function populatedSize(path: string): Promise<number> {
 }
 
 export const ovaTarget: TargetWriter = {
-  profile: {
-    target: 'ova',
-    firmware: ['bios', 'uefi'],
-    diskBuses: ['ide', 'sata', 'scsi', 'nvme'],
-    scsiModels: ['lsilogic', 'pvscsi', 'buslogic', 'lsisas1068'],
-    nicModels: ['e1000', 'e1000e', 'vmxnet3'],
-    diskFormat: 'vmdk',
-    diskOptions: { subformat: 'streamOptimized' },
-    diskExtension: 'vmdk',
-  },
+  // The devices vSphere takes, as for --to vmware; the disks travel streamOptimized.
+  profile: { ...vmwareTarget.profile, target: 'ova', diskOptions: { subformat: 'streamOptimized' } },
   async write(model, disks, outDir) {
     const base = safeVmName(model.name);
     const ordered = [...disks].sort((a, b) => a.index - b.index);
