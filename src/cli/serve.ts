@@ -7,7 +7,7 @@ import { certFingerprint, ensureCertificate, isLoopback, loadOrCreateToken } fro
 import { parse, positionals } from './common.js';
 
 export const usage =
-  'vmferry serve --listen HOST:PORT --root DIR [--token-file F] [--tls-cert F --tls-key F] [--insecure] [--max-transfers N] [--max-request-size SIZE] [--checkpoint-every SIZE] [--audit-log F]';
+  'vmferry serve --listen HOST:PORT --root DIR [--token-file F] [--tls-cert F --tls-key F] [--insecure] [--max-transfers N] [--max-request-size SIZE] [--max-file-size SIZE] [--checkpoint-every SIZE] [--audit-log F]';
 
 export function parseListen(text: string): { host: string; port: number } {
   const m = /^(?:\[([^\]]+)\]|([^:]+)):(\d+)$/.exec(text);
@@ -29,6 +29,7 @@ export async function serveCommand(args: string[]): Promise<number> {
       insecure: { type: 'boolean' },
       'max-transfers': { type: 'string' },
       'max-request-size': { type: 'string' },
+      'max-file-size': { type: 'string' },
       'checkpoint-every': { type: 'string' },
       'audit-log': { type: 'string' },
       debug: { type: 'boolean' },
@@ -76,6 +77,7 @@ export async function serveCommand(args: string[]): Promise<number> {
     tls: tlsFiles,
     maxTransfers: values['max-transfers'] ? Number(values['max-transfers']) : undefined,
     maxRequestBytes: values['max-request-size'] ? parseSize(values['max-request-size'], 'request size') : undefined,
+    maxFileSize: values['max-file-size'] ? parseSize(values['max-file-size'], 'file size limit') : undefined,
     checkpointBytes: values['checkpoint-every'] ? parseSize(values['checkpoint-every'], 'checkpoint interval') : undefined,
     auditLog: values['audit-log'],
     log: (line) => process.stderr.write(`vmferry serve: ${line}\n`),

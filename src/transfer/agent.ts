@@ -66,6 +66,12 @@ export interface AgentOptions {
   idleSeconds?: number;
   /** Largest whole file accepted by PUT /v1/NAME/file (descriptors, reports), bytes. */
   maxFileBytes?: number;
+  /**
+   * Largest disk image a transfer may produce (--max-file-size), bytes: a declared virtual size
+   * above it is refused at begin, and the bytes the writer actually put on disk are checked after
+   * every chunk and at finish (format metadata can push a file past its virtual size). No limit by default.
+   */
+  maxFileSize?: number;
   /** Audit log path (default ROOT/.vmferry-audit.log). */
   auditLog?: string;
   log?: (line: string) => void;
@@ -153,6 +159,7 @@ export async function startAgent(o: AgentOptions): Promise<Agent> {
   const maxTransfers = o.maxTransfers ?? 16;
   const maxRequestBytes = o.maxRequestBytes ?? 80 * MiB;
   const maxFileBytes = o.maxFileBytes ?? 16 * MiB;
+  const maxFileSize = o.maxFileSize ?? Number.POSITIVE_INFINITY;
   const checkpointBytes = o.checkpointBytes ?? 64 * MiB;
   const checkpointMs = (o.checkpointSeconds ?? 5) * 1000;
   const idleMs = (o.idleSeconds ?? 120) * 1000;
@@ -244,8 +251,39 @@ export async function startAgent(o: AgentOptions): Promise<Agent> {
     }
   };
 
+  /** Bytes the writer has put on disk for this transfer (allocated blocks of every file it made). */
+  const writtenBytes = (t: Transfer) => {
+    let n = 0;
+    for (const f of readdirSync(t.dir)) {
+      if (f === STATE_FILE || f === `${STATE_FILE}.new`) continue;
+      const st = lstatSync(join(t.dir, f));
+      if (st.isFile()) n += Math.min(st.size, st.blocks * 512);
+    }
+    return n;
+  };
+
+  /** The --max-file-size guard on what was actually written: past it, the transfer ends and leaves nothing. */
+  const enforceSize = async (req: IncomingMessage, t: Transfer) => {
+    if (!Number.isFinite(maxFileSize)) return;
+    const written = writtenBytes(t);
+    if (written <= maxFileSize) return;
+    t.closed = true;
+    transfers.delete(t.name);
+    wake(t);
+    await t.writer.abort().catch(() => {});
+    rmSync(t.dir, { recursive: true, force: true });
+    const reason = `the written image reached ${written} bytes, over the agent's --max-file-size of ${maxFileSize} bytes; transfer abandoned`;
+    refuse(req, reason, { name: t.name, written });
+    throw new HttpError(413, `${t.name}: ${reason}`);
+  };
+
   const begin = async (req: IncomingMessage, name: string, body: BeginRequest): Promise<BeginResponse> => {
     validateBegin(body);
+    if (body.virtualSize > maxFileSize) {
+      const reason = `declared virtual size ${body.virtualSize} exceeds the agent's --max-file-size of ${maxFileSize} bytes`;
+      refuse(req, reason, { name, virtualSize: body.virtualSize });
+      throw new HttpError(413, `${name}: ${reason}`);
+    }
     const driver = getDriver(body.format);
     if (!driver.create) throw new HttpError(400, `format ${driver.name} cannot be written`);
     const place = placeOf(name);
@@ -521,6 +559,7 @@ export async function startAgent(o: AgentOptions): Promise<Agent> {
         throw new HttpError(409, `replayed or out-of-order chunk at ${meta.start} (applied up to ${t.applied})`);
       }
       await apply(t, meta, data);
+      await enforceSize(req, t);
       t.applied = meta.end;
       t.sinceCheckpoint += meta.end - meta.start > 0 ? meta.rawLength : 0;
       t.lastActivity = Date.now();
@@ -542,6 +581,7 @@ export async function startAgent(o: AgentOptions): Promise<Agent> {
       transfers.delete(name);
       try {
         await t.writer.finish();
+        await enforceSize(req, t);
         const reader = await openImage(t.outPath, { format: t.driver.name });
         let digest: string;
         try {
