@@ -1,4 +1,6 @@
+import { UsageError } from '../disk/errors.js';
 import { parseSize } from '../disk/options.js';
+import { CACHE_MODES, type CacheMode, setOutputCacheMode } from '../disk/sink.js';
 import { convertImage } from '../ops/convert.js';
 import {
   conversionOptions,
@@ -14,7 +16,7 @@ import {
 import { progressReporter } from './progress.js';
 
 export const usage =
-  'vmferry convert [-f FMT] [-O FMT] [-o OPTIONS] [-c] [-p] [-B BACKING [-F BACKING_FMT]] [--snapshot NAME|ID] [--allow-external-files] SRC DST';
+  'vmferry convert [-f FMT] [-O FMT] [-o OPTIONS] [-c] [-p] [-t CACHE] [-B BACKING [-F BACKING_FMT]] [--snapshot NAME|ID] [--allow-external-files] SRC DST';
 
 export async function convertCommand(args: string[]): Promise<number> {
   const { values, positionals: pos } = parse(
@@ -29,11 +31,17 @@ export async function convertCommand(args: string[]): Promise<number> {
       'backing-format': { type: 'string', short: 'F' },
       snapshot: { type: 'string', short: 'l' },
       quiet: { type: 'boolean', short: 'q' },
+      cache: { type: 'string', short: 't' },
+      'source-cache': { type: 'string', short: 'T' },
     },
     usage,
   );
   const [src, dst] = positionals(pos, 2, usage, ['SRC', 'DST']);
   const mode = outputMode(values.output);
+  // qemu-img convert writes its output with cache=unsafe unless told otherwise: no flush at the end.
+  setOutputCacheMode(cacheMode(values.cache ?? 'unsafe', '-t'));
+  // Reads always go through the page cache; -T is checked and accepted for qemu-img compatibility.
+  if (values['source-cache'] !== undefined) cacheMode(values['source-cache'], '-T');
   const progress = progressReporter(values.progress === true, 'convert');
   const snapshot = values.snapshot?.replace(/^snapshot\.(name|id)=/, '');
   const result = await convertImage({
@@ -59,4 +67,9 @@ export async function convertCommand(args: string[]): Promise<number> {
     );
   }
   return 0;
+}
+
+function cacheMode(value: string, flag: string): CacheMode {
+  if ((CACHE_MODES as readonly string[]).includes(value)) return value as CacheMode;
+  throw new UsageError(`${flag}: invalid cache mode '${value}' (use ${CACHE_MODES.join(', ')})`);
 }

@@ -31,6 +31,22 @@ export interface ByteSink {
   abort(): Promise<void>;
 }
 
+/**
+ * qemu-img's cache modes for an output (-t). Only the flush matters here: every mode but 'unsafe'
+ * makes an output durable (fsync of the file and its folder) before it appears under its name;
+ * 'unsafe' skips those flushes, as `qemu-img convert` does by default, and leaves it to the kernel's
+ * writeback. The rename stays atomic either way.
+ */
+export const CACHE_MODES = ['none', 'writeback', 'writethrough', 'directsync', 'unsafe'] as const;
+export type CacheMode = (typeof CACHE_MODES)[number];
+
+let flushOnCommit = true;
+
+/** Sets the cache mode of every output this process writes from now on (the library default is durable). */
+export function setOutputCacheMode(mode: CacheMode): void {
+  flushOnCommit = mode !== 'unsafe';
+}
+
 const TEMP_MARK = '.vmferry-tmp-';
 const TEMP_PATTERN = /\.vmferry-tmp-(\d+)-[0-9a-f]+$/;
 const liveTemps = new Set<string>();
@@ -161,7 +177,7 @@ export class AtomicFileSink implements ByteSink {
   async flush(): Promise<void> {
     if (this.state !== 'open') return;
     try {
-      fsyncSync(this.descriptor);
+      if (flushOnCommit) fsyncSync(this.descriptor);
       closeSync(this.descriptor);
     } catch (err) {
       throw ioError(err, this.name);
@@ -205,6 +221,7 @@ export class AtomicFileSink implements ByteSink {
 }
 
 function syncDirectory(dir: string): void {
+  if (!flushOnCommit) return;
   let fd: number | undefined;
   try {
     fd = openSync(dir, constants.O_RDONLY);

@@ -1,6 +1,5 @@
 import { dirname, resolve as resolvePath } from 'node:path';
 import { inflateRawSync } from 'node:zlib';
-import { decompress as zstdDecompress } from 'zstd-napi';
 import { CorruptImageError, UnsafeReferenceError, UnsupportedFeatureError, VmferryError } from '../../disk/errors.js';
 import type { Segment } from '../../disk/mapped.js';
 import { MappedDiskReader } from '../../disk/mapped.js';
@@ -13,6 +12,7 @@ import {
   type OpenOptions,
   type SnapshotInfo,
 } from '../../disk/types.js';
+import { zstd } from '../../disk/zstd.js';
 import {
   AUTOCLEAR_DATA_FILE_RAW,
   COMPAT_LAZY_REFCOUNTS,
@@ -431,7 +431,7 @@ export class Qcow2Reader extends MappedDiskReader {
     let data: Buffer;
     try {
       if (this.meta.header.compressionType === COMPRESSION_ZSTD) {
-        data = zstdDecompress(raw.subarray(0, zstdFrameLength(raw)));
+        data = zstd().decompress(raw.subarray(0, zstdFrameLength(raw)));
       } else {
         data = inflateRawSync(raw, {
           finishFlush: 2 /* Z_SYNC_FLUSH: tolerate a cut-short end */,

@@ -1,11 +1,11 @@
 import { dirname, isAbsolute, resolve as resolvePath } from 'node:path';
 import { deflateRawSync, constants as zc } from 'node:zlib';
-import { compress as zstdCompress } from 'zstd-napi';
 import { UsageError, VmferryError } from '../../disk/errors.js';
 import { checkKnownOptions, parseBoolOption, parseSize } from '../../disk/options.js';
 import { openImage } from '../../disk/registry.js';
 import { AtomicFileSink, type ByteSink, openSink } from '../../disk/sink.js';
 import type { CodecSpec, CompressedUnit, CreateOptions, DiskReader, DiskWriter } from '../../disk/types.js';
+import { zstd } from '../../disk/zstd.js';
 import {
   COMPAT_LAZY_REFCOUNTS,
   COMPRESSION_ZLIB,
@@ -134,7 +134,7 @@ export function compressCluster(data: Buffer, clusterSize: number, type: number)
   const spec = qcow2Codec(type);
   const out =
     spec.codec === 'zstd'
-      ? zstdCompress(data)
+      ? zstd().compress(data)
       : deflateRawSync(data, { windowBits: spec.windowBits, memLevel: spec.memLevel, level: spec.level });
   return out.length < clusterSize ? out : null;
 }
