@@ -2,6 +2,7 @@
 import { spawnSync } from 'node:child_process';
 import { closeSync, existsSync, ftruncateSync, mkdirSync, openSync, renameSync, rmSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
+import { patternBuffer } from '../test/helpers/pattern.js';
 
 const MiB = 1024 * 1024;
 const GiB = 1024 * MiB;
@@ -13,21 +14,6 @@ function sh(cmd: string, args: string[], input?: string): void {
 
 function have(cmd: string): boolean {
   return spawnSync('sh', ['-c', `command -v ${cmd}`], { stdio: 'ignore' }).status === 0;
-}
-
-/** xorshift bytes: incompressible but reproducible. */
-function randomBlock(size: number, seed: number): Buffer {
-  const buf = Buffer.allocUnsafe(size);
-  let x = seed >>> 0 || 1;
-  for (let i = 0; i < size; i += 4) {
-    x ^= x << 13;
-    x >>>= 0;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    x >>>= 0;
-    buf.writeUInt32LE(x, i);
-  }
-  return buf;
 }
 
 function buildOnce(path: string, build: (temp: string) => void): string {
@@ -80,7 +66,7 @@ export function osWorkload(cache: string): string {
 export function denseWorkload(cache: string): string {
   return buildOnce(join(cache, 'dense.raw'), (temp) => {
     const fd = openSync(temp, 'w');
-    for (let i = 0; i < 1024; i++) writeSync(fd, randomBlock(MiB, i + 1), 0, MiB, i * MiB);
+    for (let i = 0; i < 1024; i++) writeSync(fd, patternBuffer(MiB, i + 1), 0, MiB, i * MiB);
     closeSync(fd);
   });
 }
@@ -94,7 +80,7 @@ export function hugeWorkload(cache: string): string {
     const stride = size / 256;
     for (let i = 0; i < 256; i++) {
       // Half the pieces are random, half text-like, so compression has something to do.
-      const block = i % 2 === 0 ? randomBlock(MiB, 1000 + i) : Buffer.alloc(MiB, `piece ${i} of the huge workload; `);
+      const block = i % 2 === 0 ? patternBuffer(MiB, 1000 + i) : Buffer.alloc(MiB, `piece ${i} of the huge workload; `);
       writeSync(fd, block, 0, MiB, i * stride + ((i * 7) % 64) * MiB);
     }
     closeSync(fd);

@@ -34,6 +34,7 @@ import { tmpdir } from 'node:os';
 import { basename, dirname, join, resolve, sep } from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import { gunzipSync, gzipSync } from 'node:zlib';
+import { patternBuffer } from '../test/helpers/pattern.js';
 
 const here = dirname(fileURLToPath(import.meta.url));
 /** The repository root (this file runs as dist/scripts/fuzz.js). */
@@ -87,20 +88,6 @@ export interface Seed {
 }
 
 const seedCache = join(tmpdir(), `vmferry-fuzz-seeds-${process.getuid?.() ?? 0}-v1`);
-
-function patternBuffer(size: number, seed: number): Buffer {
-  const b = Buffer.allocUnsafe(size);
-  let x = seed >>> 0 || 1;
-  for (let i = 0; i < size; i += 4) {
-    x ^= x << 13;
-    x >>>= 0;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    x >>>= 0;
-    b.writeUInt32LE(x, i);
-  }
-  return b;
-}
 
 function sh(cmd: string, args: string[]): void {
   const r = spawnSync(cmd, args, { encoding: 'utf8' });

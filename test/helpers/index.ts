@@ -9,6 +9,8 @@ import { fileURLToPath } from 'node:url';
 import { gunzipSync } from 'node:zlib';
 import type { DiskReader } from '../../src/disk/types.js';
 
+export { patternBuffer } from './pattern.js';
+
 /** The repository root (tests run from dist/test/...). */
 export const repoRoot = resolve(dirname(fileURLToPath(import.meta.url)), '../../..');
 export const corpusDir = process.env.VMFERRY_CORPUS ?? resolve(repoRoot, '../shared/corpus');
@@ -132,20 +134,4 @@ print(size, h.hexdigest())
 /** Debian's own python3 (the libyal bindings are installed for it, not for other pythons). */
 export function debianPython(): string {
   return existsSync('/usr/bin/python3') ? '/usr/bin/python3' : 'python3';
-}
-
-/** Fills `size` bytes with a reproducible pseudo-random pattern (xorshift), seedable. */
-export function patternBuffer(size: number, seed = 1): Buffer {
-  const buf = Buffer.allocUnsafe(size);
-  let x = seed >>> 0 || 1;
-  for (let i = 0; i + 4 <= size; i += 4) {
-    x ^= x << 13;
-    x >>>= 0;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    x >>>= 0;
-    buf.writeUInt32LE(x, i);
-  }
-  for (let i = size - (size % 4); i < size; i++) buf[i] = i & 0xff;
-  return buf;
 }
