@@ -11,6 +11,7 @@ export const vdiDriver: FormatDriver = {
   probe: (head) => (isVdi(head) ? 100 : 0),
   open: (path, options) => VdiReader.open(path, options),
   create: (path, size, options) => VdiWriter.create(path, size, options),
+  resume: (path, size, options, state) => VdiWriter.resume(path, size, options, state),
   createOptions: VDI_CREATE_OPTIONS,
   check: (path, options) => checkVdi(path, options),
   async measure(source, virtualSize, options): Promise<MeasureResult> {

@@ -1,3 +1,4 @@
+import { adoptMarked, markFile, seal, unseal } from '../../disk/checkpoint.js';
 import { UnsupportedFeatureError, UsageError, VmferryError } from '../../disk/errors.js';
 import { checkKnownOptions, parseBoolOption } from '../../disk/options.js';
 import { type ByteSink, openSink } from '../../disk/sink.js';
@@ -20,6 +21,22 @@ export const VDI_CREATE_OPTIONS = ['static', 'preallocation'] as const;
 const PAGE_ENTRIES = 16384;
 const BS = DEFAULT_BLOCK_SIZE;
 
+/** Runs of guest blocks [first, count] in the order they were given file slots 0, 1, 2, ... */
+type BlockRuns = [number, number][];
+
+function parseOptions(o: Record<string, string>): { isStatic: boolean; preallocateFull: boolean } {
+  checkKnownOptions('vdi', o, VDI_CREATE_OPTIONS);
+  const isStatic = parseBoolOption(o.static, 'static', false);
+  const prealloc = o.preallocation ?? 'off';
+  if (!['off', 'metadata', 'falloc', 'full'].includes(prealloc)) {
+    throw new UsageError(`Invalid preallocation mode '${prealloc}' for vdi (use off, metadata, falloc or full)`);
+  }
+  if (prealloc !== 'off' && prealloc !== 'metadata' && !isStatic) {
+    throw new UsageError(`preallocation=${prealloc} needs static=on for vdi`);
+  }
+  return { isStatic, preallocateFull: prealloc === 'full' };
+}
+
 /**
  * Writes a VDI 1.1 with 1 MiB blocks. Static: every block in order, header and map written
  * first (so a pipe works). Dynamic: blocks appended as data arrives; the block map is kept in
@@ -31,6 +48,8 @@ export class VdiWriter implements DiskWriter {
   readonly blocks: number;
   private readonly pages = new Map<number, Uint32Array>();
   private allocated = 0;
+  /** Allocation order, for checkpoints: one run per stretch of consecutive blocks. */
+  private readonly order: BlockRuns = [];
   private readonly offData: number;
   private readonly uuidCreate = newUuid();
   private readonly uuidModify = newUuid();
@@ -47,16 +66,7 @@ export class VdiWriter implements DiskWriter {
   }
 
   static async create(path: string, virtualSize: number, options: CreateOptions): Promise<VdiWriter> {
-    const o = options.options;
-    checkKnownOptions('vdi', o, VDI_CREATE_OPTIONS);
-    const isStatic = parseBoolOption(o.static, 'static', false);
-    const prealloc = o.preallocation ?? 'off';
-    if (!['off', 'metadata', 'falloc', 'full'].includes(prealloc)) {
-      throw new UsageError(`Invalid preallocation mode '${prealloc}' for vdi (use off, metadata, falloc or full)`);
-    }
-    if (prealloc !== 'off' && prealloc !== 'metadata' && !isStatic) {
-      throw new UsageError(`preallocation=${prealloc} needs static=on for vdi`);
-    }
+    const { isStatic, preallocateFull } = parseOptions(options.options);
     if (!Number.isSafeInteger(virtualSize) || virtualSize < 0 || Math.ceil(virtualSize / BS) > MAX_BLOCKS) {
       throw new UsageError(`Unsupported VDI image size ${virtualSize} (at most ${MAX_BLOCKS} blocks of 1 MiB)`);
     }
@@ -71,7 +81,7 @@ export class VdiWriter implements DiskWriter {
         path,
       );
     }
-    const writer = new VdiWriter(sink, virtualSize, isStatic, prealloc === 'full');
+    const writer = new VdiWriter(sink, virtualSize, isStatic, preallocateFull);
     if (isStatic) {
       try {
         await writer.writeMetadata();
@@ -107,7 +117,69 @@ export class VdiWriter implements DiskWriter {
     }
     const index = this.allocated++;
     page[block % PAGE_ENTRIES] = index;
+    const last = this.order.at(-1);
+    if (last && last[0] + last[1] === block) last[1]++;
+    else this.order.push([block, 1]);
     return index;
+  }
+
+  /**
+   * Flushes the data written so far; the state is the block map as runs (the header and map are
+   * only written at finish, so nothing in the file needs rewriting on resume).
+   */
+  async checkpoint(): Promise<unknown> {
+    const mark = await markFile(this.sink, this.offData, 'vdi');
+    return seal({ format: 'vdi', blocks: this.blocks, allocated: this.allocated, order: this.order, ...mark });
+  }
+
+  /** Continues a checkpointed output: the file is cut back to its checkpointed length. */
+  static async resume(path: string, virtualSize: number, options: CreateOptions, state: unknown): Promise<VdiWriter> {
+    const { isStatic, preallocateFull } = parseOptions(options.options);
+    const s = unseal(state, 'vdi', path);
+    const bad = (why: string) => new UsageError(`the vdi checkpoint state does not fit this output (${why})`, path);
+    if (
+      !Number.isSafeInteger(virtualSize) ||
+      virtualSize < 0 ||
+      virtualSize % 512 !== 0 ||
+      Math.ceil(virtualSize / BS) > MAX_BLOCKS
+    )
+      throw new UsageError(`Unsupported VDI image size ${virtualSize}`, path);
+    const blocks = Math.ceil(virtualSize / BS);
+    if (s.format !== 'vdi' || s.blocks !== blocks) throw bad('format or size');
+    if (!Number.isSafeInteger(s.allocated) || !Array.isArray(s.order)) throw bad('malformed');
+    const offData = Math.ceil((HEADER_AREA + blocks * 4) / DATA_ALIGN) * DATA_ALIGN;
+    // Validate the whole map before touching the file: a refused state leaves the file as it was.
+    const pages = new Map<number, Uint32Array>();
+    const order: BlockRuns = [];
+    let index = 0;
+    for (const run of s.order as unknown[]) {
+      if (!Array.isArray(run) || run.length !== 2) throw bad('malformed run');
+      const [first, count] = run as [unknown, unknown];
+      if (!Number.isSafeInteger(first) || !Number.isSafeInteger(count)) throw bad('malformed run');
+      const f = first as number;
+      const c = count as number;
+      if (f < 0 || c < 1 || f + c > blocks) throw bad('block outside the disk');
+      for (let b = f; b < f + c; b++) {
+        const p = Math.floor(b / PAGE_ENTRIES);
+        let page = pages.get(p);
+        if (!page) {
+          page = new Uint32Array(PAGE_ENTRIES).fill(BLOCK_FREE);
+          pages.set(p, page);
+        }
+        if (page[b % PAGE_ENTRIES] !== BLOCK_FREE) throw bad('a block allocated twice');
+        page[b % PAGE_ENTRIES] = index++;
+      }
+      order.push([f, c]);
+    }
+    if (index !== s.allocated || (isStatic && index !== 0)) throw bad('allocation count');
+    const limit = offData + (isStatic ? virtualSize : index * BS);
+    if (!Number.isSafeInteger(s.length) || (s.length as number) > limit) throw bad('length past the written blocks');
+    const sink = adoptMarked(path, s, offData, 'vdi');
+    const w = new VdiWriter(sink, virtualSize, isStatic, preallocateFull);
+    for (const [p, page] of pages) w.pages.set(p, page);
+    w.order.push(...order);
+    w.allocated = index;
+    return w;
   }
 
   async write(offset: number, data: Buffer): Promise<void> {

@@ -9,6 +9,7 @@ export const vhdxDriver: FormatDriver = {
   probe: (head) => (hasFileSignature(head) ? 100 : 0),
   open: (path, options) => VhdxReader.open(path, options),
   create: (path, size, options) => VhdxWriter.create(path, size, options),
+  resume: (path, size, options, state) => VhdxWriter.resume(path, size, options, state),
   createOptions: VHDX_CREATE_OPTIONS,
   check: (path, options) => checkVhdx(path, options),
   measure: (source, virtualSize, options) => measureVhdx(source, virtualSize, options),

@@ -1,4 +1,5 @@
 import { flatExtents } from '../../disk/chain.js';
+import { adoptMarked, markFile, seal, unseal } from '../../disk/checkpoint.js';
 import { UnsupportedFeatureError, UsageError } from '../../disk/errors.js';
 import { checkKnownOptions, parseBoolOption, parseSize } from '../../disk/options.js';
 import { type ByteSink, openSink } from '../../disk/sink.js';
@@ -160,6 +161,8 @@ export class VhdxWriter implements DiskWriter {
   readonly clusterSize: number;
   readonly virtualSize: number;
   private readonly allocated = new Map<number, number>();
+  /** Allocation order, for checkpoints: runs [first block, count] of consecutive blocks. */
+  private readonly order: [number, number][] = [];
   private nextFree: number;
   /** Guest bytes below this may hold written data (zero() above it is free). */
   private highWater = 0;
@@ -217,6 +220,9 @@ export class VhdxWriter implements DiskWriter {
       pos = this.nextFree;
       this.allocated.set(block, pos);
       this.nextFree += bs;
+      const last = this.order.at(-1);
+      if (last && last[0] + last[1] === block) last[1]++;
+      else this.order.push([block, 1]);
     }
     return pos;
   }
@@ -266,6 +272,62 @@ export class VhdxWriter implements DiskWriter {
       }
       pos = blockEnd;
     }
+  }
+
+  /**
+   * Flushes the data written so far. The header section and metadata were written at create and
+   * the BAT of a dynamic image is only written at finish, so the state is the allocation runs.
+   */
+  async checkpoint(): Promise<unknown> {
+    const mark = await markFile(this.sink, this.plan.dataOffset, 'vhdx');
+    const { virtualSize, fixed, geometry } = this.plan;
+    return seal({
+      format: 'vhdx',
+      virtualSize,
+      fixed,
+      blockSize: geometry.blockSize,
+      highWater: this.highWater,
+      order: this.order,
+      ...mark,
+    });
+  }
+
+  /** Continues a checkpointed output: the file is cut back to its checkpointed length. */
+  static async resume(path: string, virtualSize: number, options: CreateOptions, state: unknown): Promise<VhdxWriter> {
+    const plan = planVhdx(virtualSize, options.options);
+    if (options.compress) throw new UnsupportedFeatureError('vhdx has no compression (-c)', path);
+    const s = unseal(state, 'vhdx', path);
+    const bad = (why: string) => new UsageError(`the vhdx checkpoint state does not fit this output (${why})`, path);
+    const bs = plan.geometry.blockSize;
+    if (s.format !== 'vhdx' || s.virtualSize !== plan.virtualSize || s.fixed !== plan.fixed || s.blockSize !== bs) {
+      throw bad('subformat, size or block size');
+    }
+    const hw = s.highWater;
+    if (!Number.isSafeInteger(hw) || (hw as number) < 0 || (hw as number) > plan.virtualSize) throw bad('high-water mark');
+    if (!Array.isArray(s.order) || (plan.fixed && s.order.length > 0)) throw bad('malformed');
+    // Checked in full before the file is touched: a refused state leaves it as it was.
+    const allocated = new Map<number, number>();
+    let next = plan.dataOffset;
+    for (const run of s.order as unknown[]) {
+      if (!Array.isArray(run) || run.length !== 2 || !Number.isSafeInteger(run[0]) || !Number.isSafeInteger(run[1])) {
+        throw bad('malformed run');
+      }
+      const [first, count] = run as [number, number];
+      if (first < 0 || count < 1 || first + count > plan.geometry.payloadBlocks) throw bad('block outside the disk');
+      for (let b = first; b < first + count; b++) {
+        if (allocated.has(b)) throw bad('a block allocated twice');
+        allocated.set(b, next);
+        next += bs;
+      }
+    }
+    const limit = plan.fixed ? plan.dataOffset + plan.geometry.payloadBlocks * bs : next;
+    if (!Number.isSafeInteger(s.length) || (s.length as number) > limit) throw bad('length past the written blocks');
+    const w = new VhdxWriter(adoptMarked(path, s, plan.dataOffset, 'vhdx'), plan);
+    for (const [b, pos] of allocated) w.allocated.set(b, pos);
+    for (const run of s.order as [number, number][]) w.order.push([run[0], run[1]]);
+    w.nextFree = next;
+    w.highWater = hw as number;
+    return w;
   }
 
   /** Streams the BAT out in 1 MiB pieces (bounded memory whatever the disk size). */

@@ -25,6 +25,7 @@ export const vpcDriver: FormatDriver = {
   },
   open: (path, options) => VpcReader.open(path, options),
   create: (path, size, options) => VpcWriter.create(path, size, options),
+  resume: (path, size, options, state) => VpcWriter.resume(path, size, options, state),
   createOptions: VPC_CREATE_OPTIONS,
   check: (path, options) => checkVpc(path, options),
   async measure(source, virtualSize, options): Promise<MeasureResult> {

@@ -1,5 +1,6 @@
 import { closeSync, openSync, readSync, statSync } from 'node:fs';
 import { basename, resolve } from 'node:path';
+import { adoptMarked, markFile, seal, unseal } from '../../disk/checkpoint.js';
 import { UnsupportedFeatureError, UsageError, VmferryError } from '../../disk/errors.js';
 import { checkKnownOptions, parseBoolOption } from '../../disk/options.js';
 import { AtomicFileSink, type ByteSink, openSink } from '../../disk/sink.js';
@@ -31,6 +32,19 @@ export const VPC_CREATE_OPTIONS = ['subformat', 'force_size', 'preallocation', '
 
 const BAT_OFFSET = FOOTER_SIZE + DYN_HEADER_SIZE;
 const FULL = Buffer.alloc(0);
+/** Stands in for a sink while a resumed writer's tables are checked (never written to). */
+class NullSink implements ByteSink {
+  readonly sequential = false;
+  constructor(readonly name: string) {}
+  async write(): Promise<void> {
+    throw new Error('NullSink is never written');
+  }
+  async setLength(): Promise<void> {}
+  async flush(): Promise<void> {}
+  async commit(): Promise<void> {}
+  async abort(): Promise<void> {}
+}
+
 /** Granularity of differencing writes: 8 sectors, one byte of the sector bitmap. */
 const GRAIN = 4096;
 
@@ -64,6 +78,8 @@ export class VpcWriter implements DiskWriter {
   private readBackFd: number | null = null;
   private readonly uniqueId = newUniqueId();
   private readonly timestamp = vhdTimestamp();
+  /** Allocation order, for checkpoints: runs [first block, count] of consecutive blocks. */
+  private readonly order: [number, number][] = [];
 
   private constructor(
     private readonly sink: ByteSink,
@@ -94,6 +110,26 @@ export class VpcWriter implements DiskWriter {
     }
     this.firstBlockSector = next / SECTOR;
     this.nextSector = this.firstBlockSector;
+  }
+
+  /** -o options of a vpc without a parent: subformat, geometry, preallocation. */
+  private static plainPlan(path: string, virtualSize: number, o: Record<string, string>): Plan {
+    checkKnownOptions('vpc', o, VPC_CREATE_OPTIONS);
+    const subformat = o.subformat ?? 'dynamic';
+    if (subformat !== 'dynamic' && subformat !== 'fixed') {
+      throw new UsageError(`Invalid subformat '${subformat}' for vpc (use dynamic or fixed)`);
+    }
+    const forceSize = parseBoolOption(o.force_size, 'force_size', false);
+    const prealloc = o.preallocation ?? 'off';
+    if (prealloc !== 'off' && !(prealloc === 'full' && subformat === 'fixed')) {
+      throw new UsageError(`Invalid preallocation mode '${prealloc}' for vpc (off, or full with subformat=fixed)`);
+    }
+    if (o.backing_fmt !== undefined && o.backing_file === undefined) throw new UsageError('backing_fmt needs backing_file');
+    const g = newImageGeometry(virtualSize, forceSize);
+    if (g.size > MAX_VHD_SIZE) {
+      throw new UsageError(`a VHD holds at most ${MAX_VHD_SIZE} bytes (2040 GiB); ${virtualSize} requested`, path);
+    }
+    return { diskType: subformat === 'fixed' ? DISK_FIXED : DISK_DYNAMIC, ...g, preallocateFull: prealloc === 'full' };
   }
 
   static async create(path: string, virtualSize: number, options: CreateOptions): Promise<VpcWriter> {
@@ -226,9 +262,61 @@ export class VpcWriter implements DiskWriter {
     if (sector > 0xfffffffe) throw new VmferryError('VHD is full (block offsets exceed 32 bits)', this.sink.name);
     this.bat[block] = sector;
     this.nextSector += (this.bitmapBytes + DEFAULT_BLOCK_SIZE) / SECTOR;
+    const last = this.order.at(-1);
+    if (last && last[0] + last[1] === block) last[1]++;
+    else this.order.push([block, 1]);
     // Dynamic disks: every sector of an allocated block is present (as qemu writes them).
     if (this.plan.diskType === DISK_DIFFERENCING) this.bitmaps.set(block, Buffer.alloc(this.bitmapBytes));
     else await this.sink.write(this.fullBitmap, sector * SECTOR);
+  }
+
+  /**
+   * Flushes the data written so far. Dynamic: the state is the BAT as allocation runs (BAT,
+   * header and footers are only written at finish). Differencing disks are not resumable: their
+   * sector bitmaps live in memory until finish.
+   */
+  async checkpoint(): Promise<unknown> {
+    if (this.plan.diskType === DISK_DIFFERENCING) {
+      throw new UsageError('a differencing VHD cannot be checkpointed', this.sink.name);
+    }
+    const floor = this.dynamic ? this.firstBlockSector * SECTOR : 0;
+    const mark = await markFile(this.sink, floor, 'vpc');
+    return seal({ format: 'vpc', diskType: this.plan.diskType, size: this.virtualSize, order: this.order, ...mark });
+  }
+
+  /** Continues a checkpointed dynamic or fixed VHD: the file is cut back to its checkpointed length. */
+  static async resume(path: string, virtualSize: number, options: CreateOptions, state: unknown): Promise<VpcWriter> {
+    if (options.options.backing_file !== undefined) throw new UsageError('a differencing VHD cannot be resumed', path);
+    const plan = VpcWriter.plainPlan(path, virtualSize, options.options);
+    const s = unseal(state, 'vpc', path);
+    const bad = (why: string) => new UsageError(`the vpc checkpoint state does not fit this output (${why})`, path);
+    if (s.format !== 'vpc' || s.diskType !== plan.diskType || s.size !== plan.size) throw bad('subformat or size');
+    if (!Array.isArray(s.order)) throw bad('malformed');
+    // Built and checked before the file is touched: a refused state leaves it as it was.
+    const probe = new VpcWriter(new NullSink(path), plan);
+    const stride = (probe.bitmapBytes + DEFAULT_BLOCK_SIZE) / SECTOR;
+    for (const run of s.order as unknown[]) {
+      if (!Array.isArray(run) || run.length !== 2 || !Number.isSafeInteger(run[0]) || !Number.isSafeInteger(run[1])) {
+        throw bad('malformed run');
+      }
+      const [first, count] = run as [number, number];
+      if (first < 0 || count < 1 || first + count > probe.bat.length) throw bad('block outside the disk');
+      for (let b = first; b < first + count; b++) {
+        if (probe.bat[b] !== BAT_UNUSED) throw bad('a block allocated twice');
+        probe.bat[b] = probe.nextSector;
+        probe.nextSector += stride;
+      }
+      probe.order.push([first, count]);
+    }
+    if (plan.diskType === DISK_FIXED && probe.order.length > 0) throw bad('subformat');
+    const limit = plan.diskType === DISK_FIXED ? plan.size : probe.nextSector * SECTOR;
+    if (!Number.isSafeInteger(s.length) || (s.length as number) > limit) throw bad('length past the written blocks');
+    const floor = plan.diskType === DISK_FIXED ? 0 : probe.firstBlockSector * SECTOR;
+    const w = new VpcWriter(adoptMarked(path, s, floor, 'vpc'), plan);
+    w.bat.set(probe.bat);
+    w.order.push(...probe.order);
+    w.nextSector = probe.nextSector;
+    return w;
   }
 
   private blockDataPos(block: number): number {
