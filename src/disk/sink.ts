@@ -64,7 +64,9 @@ function pwrite(fd: number, buf: Buffer, pos: number): Promise<void> {
   });
 }
 
-function processAlive(pid: number): boolean {
+/** Whether a process still runs (owners of temp and staging files); EPERM means it does, as another user's. */
+export function processAlive(pid: number): boolean {
+  if (pid === process.pid) return true;
   try {
     process.kill(pid, 0);
     return true;
@@ -221,7 +223,11 @@ export class AtomicFileSink implements ByteSink {
 }
 
 function syncDirectory(dir: string): void {
-  if (!flushOnCommit) return;
+  if (flushOnCommit) fsyncDirectory(dir);
+}
+
+/** Makes the names in a folder durable (after renames); best effort. */
+export function fsyncDirectory(dir: string): void {
   let fd: number | undefined;
   try {
     fd = openSync(dir, constants.O_RDONLY);

@@ -6,22 +6,10 @@
  * files of its own, its files are renamed into DIR one by one with report.json last.
  * A later run removes staging folders whose process is gone.
  */
-import {
-  closeSync,
-  constants,
-  existsSync,
-  fsyncSync,
-  mkdirSync,
-  openSync,
-  readdirSync,
-  readFileSync,
-  renameSync,
-  rmdirSync,
-  rmSync,
-  statSync,
-} from 'node:fs';
+import { existsSync, mkdirSync, readdirSync, readFileSync, renameSync, rmdirSync, rmSync, statSync } from 'node:fs';
 import { basename, dirname, join, resolve } from 'node:path';
 import { ioError, UsageError } from '../disk/errors.js';
+import { fsyncDirectory, processAlive } from '../disk/sink.js';
 
 const STAGING = /^\.(.+)\.vmferry-(staging|old)-(\d+)$/;
 
@@ -34,28 +22,6 @@ export interface Staging {
   mode: 'swap' | 'files';
   /** Stale staging folders this run removed. */
   removed: string[];
-}
-
-function processAlive(pid: number): boolean {
-  if (pid === process.pid) return true;
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (err) {
-    return (err as NodeJS.ErrnoException).code === 'EPERM';
-  }
-}
-
-function syncDir(dir: string): void {
-  let fd: number | undefined;
-  try {
-    fd = openSync(dir, constants.O_RDONLY);
-    fsyncSync(fd);
-  } catch {
-    // some file systems refuse fsync on a directory; the renames are still atomic
-  } finally {
-    if (fd !== undefined) closeSync(fd);
-  }
 }
 
 /** Removes staging (and set-aside) folders for `outDir` left by runs that are gone. */
@@ -130,7 +96,7 @@ export function openStaging(outDirArg: string): Staging {
 export function commitStaging(staging: Staging, files: string[]): void {
   const { outDir, dir } = staging;
   const parent = dirname(outDir);
-  syncDir(dir);
+  fsyncDirectory(dir);
   try {
     const existing = existsSync(outDir) ? visibleEntries(outDir) : undefined;
     const swappable =
@@ -148,12 +114,12 @@ export function commitStaging(staging: Staging, files: string[]): void {
         renameSync(dir, outDir);
         rmSync(old, { recursive: true, force: true });
       }
-      syncDir(parent);
+      fsyncDirectory(parent);
       return;
     }
     mkdirSync(outDir, { recursive: true });
     for (const f of files) renameSync(join(dir, f), join(outDir, f));
-    syncDir(outDir);
+    fsyncDirectory(outDir);
     rmSync(dir, { recursive: true, force: true });
   } catch (err) {
     throw ioError(err, outDir);
