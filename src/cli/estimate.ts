@@ -1,11 +1,11 @@
 import { UsageError } from '../disk/errors.js';
 import { openImage } from '../disk/registry.js';
-import { estimateTransfer, parseRate } from '../plan/estimate.js';
+import { estimateTransfer, parseModel, parseRate } from '../plan/estimate.js';
 import { WIRE_CODECS, type WireCodec } from '../transfer/protocol.js';
 import { humanSize, openingOptions, outputMode, outputOption, parse, positionals, printJson } from './common.js';
 
 export const usage =
-  'vmferry estimate [-f FMT] [--bandwidth RATE] [--rtt MS] [-c zstd|zlib|none] [--streams N] [--dirty-rate RATE] [--max-downtime MS] [--samples N] SRC';
+  'vmferry estimate [-f FMT] [--bandwidth RATE] [--rtt MS] [-c zstd|zlib|none] [--streams N] [--model start=S,tls=S,sender=RATE,agent=RATE,verify=RATE,sync=RATE] [--dirty-rate RATE] [--max-downtime MS] [--samples N] SRC';
 
 export async function estimateCommand(args: string[]): Promise<number> {
   const { values, positionals: pos } = parse(
@@ -19,6 +19,7 @@ export async function estimateCommand(args: string[]): Promise<number> {
       compress: { type: 'string', short: 'c' },
       level: { type: 'string' },
       streams: { type: 'string' },
+      model: { type: 'string' },
       'dirty-rate': { type: 'string' },
       'max-downtime': { type: 'string' },
       samples: { type: 'string' },
@@ -47,6 +48,7 @@ export async function estimateCommand(args: string[]): Promise<number> {
       codec,
       level: num(values.level, '--level'),
       streams: num(values.streams, '--streams'),
+      model: values.model !== undefined ? parseModel(values.model) : undefined,
       dirtyRate:
         values['dirty-rate'] !== undefined ? (values['dirty-rate'] === '0' ? 0 : parseRate(values['dirty-rate'])) : undefined,
       maxDowntime: values['max-downtime'] !== undefined ? num(values['max-downtime'], '--max-downtime')! / 1000 : undefined,
@@ -66,6 +68,14 @@ export async function estimateCommand(args: string[]): Promise<number> {
     if (est.seconds) {
       lines.push(
         `transfer time:    ${est.seconds.mean.toFixed(1)} s (${est.seconds.low.toFixed(1)}..${est.seconds.high.toFixed(1)} s) at ${humanSize(Math.round(est.bandwidth!))}/s, limited by ${est.limitedBy}`,
+      );
+      const t = est.terms!;
+      const m = est.model;
+      const s = (x: number) => `${x.toFixed(2)} s`;
+      const r = (x: number) => `${humanSize(Math.round(x))}/s`;
+      lines.push(
+        `  start and handshakes ${s(t.fixed)}; chunk flow ${s(t.flow)} = max(network ${s(t.network)} at ${r(t.effectiveBandwidth)}, sender CPU ${s(t.sender)} at ${r(m.senderBytesPerSecond)}, agent CPU ${s(t.agent)} at ${r(m.agentBytesPerSecond)})`,
+        `  pipeline fill ${s(t.fill)}; agent fsync ${s(t.sync)} at ${r(m.syncBytesPerSecond)}; agent read-back digest ${s(t.verify)} at ${r(m.verifyBytesPerSecond)}`,
       );
     }
     if (est.precopy) {

@@ -9,7 +9,34 @@ import { UsageError } from '../disk/errors.js';
 import type { DiskReader } from '../disk/types.js';
 import { isZero } from '../disk/zero.js';
 import { blockPieces, DIGEST_BLOCK } from '../transfer/digest.js';
-import { GRAIN, packPayload, type WireCodec } from '../transfer/protocol.js';
+import { GRAIN, packPayload, unpackPayload, type WireCodec } from '../transfer/protocol.js';
+
+/**
+ * The costs of a `vmferry send` besides the wire, each overridable (`vmferry estimate --model
+ * key=value,...`). Rates are guest bytes per second. Those left out are measured on the sample
+ * (the CPU terms) or take the defaults below, measured on the 2-core VM the benchmark runs on.
+ */
+export interface CostModel {
+  /** Start of the send process (node, module loading, opening the source and its map), seconds. */
+  startSeconds: number;
+  /** CPU of one TLS 1.3 handshake (the pin check, then one per stream), seconds; each also costs a round trip. */
+  tlsSeconds: number;
+  /** Sender, one core: read, whole-content digest, zero-grain scan, chunk digest, compression. */
+  senderBytesPerSecond: number;
+  /** Agent, one core: decompression, chunk digest, zero scan per cluster, copy into place. */
+  agentBytesPerSecond: number;
+  /** Agent's final read-back of the written image and its content digest. */
+  verifyBytesPerSecond: number;
+  /** Agent's disk: fsync of what was written (checkpoints and finish block the agent while they run). */
+  syncBytesPerSecond: number;
+}
+
+/** Measured here: `vmferry --version` takes 0.13-0.21 s; loopback TLS handshakes ~4 ms; fsync'd writes 150-240 MB/s. */
+export const DEFAULT_COSTS: Pick<CostModel, 'startSeconds' | 'tlsSeconds' | 'syncBytesPerSecond'> = {
+  startSeconds: 0.25,
+  tlsSeconds: 0.004,
+  syncBytesPerSecond: 180e6,
+};
 
 export interface EstimateOptions {
   /** Bytes per second available on the wire. */
@@ -22,6 +49,8 @@ export interface EstimateOptions {
   samples?: number;
   /** Requests in flight (send --streams). */
   streams?: number;
+  /** Overrides of the cost model's terms (measured or default otherwise). */
+  model?: Partial<CostModel>;
   /** Guest bytes dirtied per second while the VM runs (warm migration). */
   dirtyRate?: number;
   /** Cutover when a round would take at most this long, seconds. */
@@ -55,27 +84,103 @@ export interface PrecopyEstimate {
   note: string;
 }
 
+/** What the time model needs to know about one transfer. */
+export interface TransferShape {
+  /** Guest bytes the sender reads (data blocks). */
+  readBytes: number;
+  /** Of those, bytes that are not zero grains: what the agent writes and syncs. */
+  writtenBytes: number;
+  /** Payload bytes on the wire. */
+  wireBytes: number;
+  /** Data chunks (requests besides begin and finish). */
+  chunks: number;
+  bandwidth: number;
+  rtt: number;
+  streams: number;
+}
+
+/** The time model's terms, seconds. */
+export interface TimeTerms {
+  /** Process start, TLS handshakes (CPU and a round trip each), begin and finish round trips. */
+  fixed: number;
+  /** Bandwidth after the request window: min(B, streams x chunk / (RTT + chunk / B)). */
+  effectiveBandwidth: number;
+  network: number;
+  sender: number;
+  agent: number;
+  /** The chunk flow: the slowest of network, sender CPU and agent CPU (they overlap). */
+  flow: number;
+  limitedBy: 'network' | 'sender-cpu' | 'agent-cpu';
+  /** The first chunk is prepared before anything is sent; the last is applied after it arrived. */
+  fill: number;
+  sync: number;
+  verify: number;
+  total: number;
+}
+
+/**
+ * Closed form: total = fixed + max(network, sender, agent) + fill + sync + verify.
+ * The sync term is added, not overlapped: fsync blocks the agent's one thread, and the sender's
+ * token bucket does not bank the time it could not send.
+ */
+export function transferTime(x: TransferShape, m: CostModel): TimeTerms {
+  const handshakes = 1 + Math.min(x.streams, Math.max(1, x.chunks));
+  const fixed = m.startSeconds + handshakes * (m.tlsSeconds + x.rtt) + 2 * x.rtt;
+  const chunkWire = x.chunks > 0 ? x.wireBytes / x.chunks : 0;
+  const window = chunkWire > 0 ? (x.streams * chunkWire) / (x.rtt + chunkWire / x.bandwidth) : x.bandwidth;
+  const effectiveBandwidth = Math.min(x.bandwidth, window);
+  const network = x.wireBytes / effectiveBandwidth;
+  const sender = x.readBytes / m.senderBytesPerSecond;
+  const agent = x.readBytes / m.agentBytesPerSecond;
+  const flow = Math.max(network, sender, agent);
+  const limitedBy = flow === network ? 'network' : flow === sender ? 'sender-cpu' : 'agent-cpu';
+  const chunkRaw = x.chunks > 0 ? x.readBytes / x.chunks : 0;
+  const fill = chunkRaw / m.senderBytesPerSecond + chunkRaw / m.agentBytesPerSecond;
+  const sync = x.writtenBytes / m.syncBytesPerSecond;
+  const verify = x.readBytes / m.verifyBytesPerSecond;
+  return {
+    fixed,
+    effectiveBandwidth,
+    network,
+    sender,
+    agent,
+    flow,
+    limitedBy,
+    fill,
+    sync,
+    verify,
+    total: fixed + flow + fill + sync + verify,
+  };
+}
+
 export interface Estimate {
   virtualSize: number;
   /** Guest bytes in data extents (backing chain included). */
   allocatedBytes: number;
   /** What the sender reads: data extents widened to 1 MiB blocks. */
   readBytes: number;
+  /** Of those, non-zero grains (what the agent writes). */
+  writtenBytes: number;
   codec: WireCodec;
   samples: number;
   sampledBytes: number;
   /** Wire bytes per allocated byte (zero grains dropped, then compressed), 95% interval. */
   ratio: Interval;
   wireBytes: Interval;
-  /** Chunks the sender will send. */
+  /** Requests the sender will make (chunks, begin, finish). */
   requests: number;
-  /** Sender-side processing speed measured on the sample (digest, zero scan, compression), bytes/s. */
+  /** Sender-side processing speed measured on the sample (same as model.senderBytesPerSecond). */
   cpuBytesPerSecond: number;
+  /** The cost model used: measured on the sample, defaults, or given. */
+  model: CostModel;
   bandwidth?: number;
   rtt: number;
+  streams: number;
   seconds?: Interval;
-  limitedBy?: 'network' | 'cpu';
-  /** The final read-back and digest on the agent (reading is counted at hashing speed twice). */
+  limitedBy?: TimeTerms['limitedBy'];
+  /** The terms behind seconds.mean. */
+  terms?: TimeTerms;
+  /** The final read-back and digest on the agent. */
   verifySeconds?: number;
   precopy?: PrecopyEstimate;
 }
@@ -99,6 +204,32 @@ export function parseRate(text: string): number {
   return v;
 }
 
+const MODEL_KEYS: Record<string, keyof CostModel> = {
+  start: 'startSeconds',
+  tls: 'tlsSeconds',
+  sender: 'senderBytesPerSecond',
+  agent: 'agentBytesPerSecond',
+  verify: 'verifyBytesPerSecond',
+  sync: 'syncBytesPerSecond',
+};
+
+/** `start=0.3,tls=0.01,sender=200M,agent=300M,verify=1G,sync=150M` (seconds, or rates as for --bandwidth). */
+export function parseModel(text: string): Partial<CostModel> {
+  const out: Partial<CostModel> = {};
+  for (const part of text.split(',').filter((p) => p.trim() !== '')) {
+    const [k, v] = part.split('=').map((x) => x.trim());
+    const key = MODEL_KEYS[k ?? ''];
+    if (!key || v === undefined || v === '')
+      throw new UsageError(`--model: '${part}' is not one of ${Object.keys(MODEL_KEYS).join(', ')} = value`);
+    if (key === 'startSeconds' || key === 'tlsSeconds') {
+      const n = Number(v);
+      if (!Number.isFinite(n) || n < 0) throw new UsageError(`--model ${k} must be seconds, not '${v}'`);
+      out[key] = n;
+    } else out[key] = parseRate(v);
+  }
+  return out;
+}
+
 /** Two-sided 95% Student t quantile for `df` degrees of freedom (normal beyond 30). */
 function t95(df: number): number {
   const table = [
@@ -109,17 +240,28 @@ function t95(df: number): number {
   return df < 30 ? 2.05 : 1.96;
 }
 
-/** Bytes a sender would put on the wire for one block: non-zero grains, compressed. */
-function wireSize(block: Buffer, codec: WireCodec, level?: number): number {
+/** The sender's work on one block, as makeChunks does it; returns the wire bytes and the non-zero bytes. */
+function senderWork(block: Buffer, codec: WireCodec, level?: number): { packed: Buffer; data: Buffer } {
+  // Whole-content digest of the block (ContentDigest.addData).
+  if (!isZero(block)) createHash('sha256').update(block).digest();
   const parts: Buffer[] = [];
   for (let s = 0; s < block.length; s += GRAIN) {
     const e = Math.min(block.length, s + GRAIN);
     if (!isZero(block, s, e)) parts.push(block.subarray(s, e));
   }
-  const data = Buffer.concat(parts);
-  if (data.length === 0) return 0;
-  const packed = packPayload(codec, data, level);
-  return Math.min(packed.length, data.length);
+  const data = parts.length === 1 ? parts[0]! : Buffer.concat(parts);
+  // The chunk digest, then compression (sent uncompressed when that is not smaller).
+  createHash('sha256').update(data).digest();
+  const packed = data.length ? packPayload(codec, data, level) : data;
+  return { packed: packed.length < data.length ? packed : data, data };
+}
+
+/** The agent's work on one block: decompress, chunk digest, zero scan per unit, copy into place. */
+function agentWork(packed: Buffer, data: Buffer, codec: WireCodec, scratch: Buffer): void {
+  const out = packed.length < data.length ? unpackPayload(codec, packed, data.length) : packed;
+  createHash('sha256').update(out).digest();
+  out.copy(scratch, 0, 0, Math.min(out.length, scratch.length));
+  for (let u = 0; u < scratch.length; u += 65536) isZero(scratch, u, Math.min(scratch.length, u + 65536));
 }
 
 export async function estimateTransfer(reader: DiskReader, o: EstimateOptions = {}): Promise<Estimate> {
@@ -129,11 +271,14 @@ export async function estimateTransfer(reader: DiskReader, o: EstimateOptions = 
   // The extent map, as the sender walks it.
   const pieces: { start: number; end: number }[] = [];
   let readBytes = 0;
+  let chunks = 0;
   for await (const p of blockPieces(reader, DIGEST_BLOCK, CHUNK)) {
     if (p.kind !== 'data') continue;
     pieces.push({ start: p.start, end: p.end });
     readBytes += p.end - p.start;
   }
+  // The sender packs data pieces into chunks of up to 4 MiB of data.
+  chunks = Math.ceil(readBytes / CHUNK);
   let allocatedBytes = 0;
   const { flatExtents } = await import('../disk/chain.js');
   for await (const e of flatExtents(reader)) if (e.kind === 'data') allocatedBytes += e.length;
@@ -144,8 +289,11 @@ export async function estimateTransfer(reader: DiskReader, o: EstimateOptions = 
   const ratios: number[] = [];
   let sampledRaw = 0;
   let sampledWire = 0;
-  let cpuSeconds = 0;
-  let hashSeconds = 0;
+  let sampledData = 0;
+  let senderSeconds = 0;
+  let agentSeconds = 0;
+  let verifySeconds = 0;
+  const scratch = Buffer.alloc(DIGEST_BLOCK);
   let pi = 0;
   let blocksBefore = 0;
   for (let i = 0; i < n; i++) {
@@ -157,18 +305,23 @@ export async function estimateTransfer(reader: DiskReader, o: EstimateOptions = 
     const piece = pieces[pi]!;
     const start = piece.start + (k - blocksBefore) * DIGEST_BLOCK;
     const len = Math.min(DIGEST_BLOCK, piece.end - start);
-    const block = await reader.read(start, len);
     const t0 = performance.now();
-    // The sender hashes each block twice (content digest, chunk digest) and compresses it.
-    createHash('sha256').update(block).digest();
+    const block = await reader.read(start, len);
+    const { packed, data } = senderWork(block, codec, o.level);
     const t1 = performance.now();
-    createHash('sha256').update(block).digest();
-    hashSeconds += (performance.now() - t1) / 1000;
-    const w = wireSize(block, codec, o.level);
-    cpuSeconds += (performance.now() - t0) / 1000;
-    ratios.push(w / len);
+    agentWork(packed, data, codec, scratch);
+    const t2 = performance.now();
+    // The read-back: the written block copied out of the page cache, scanned and hashed.
+    block.copy(scratch, 0, 0, len);
+    if (!isZero(scratch, 0, len)) createHash('sha256').update(scratch.subarray(0, len)).digest();
+    const t3 = performance.now();
+    senderSeconds += (t1 - t0) / 1000;
+    agentSeconds += (t2 - t1) / 1000;
+    verifySeconds += (t3 - t2) / 1000;
+    ratios.push(packed.length / len);
     sampledRaw += len;
-    sampledWire += w;
+    sampledWire += packed.length;
+    sampledData += data.length;
   }
   const mean = sampledRaw > 0 ? sampledWire / sampledRaw : 0;
   let half = 0;
@@ -179,33 +332,41 @@ export async function estimateTransfer(reader: DiskReader, o: EstimateOptions = 
   }
   const ratio: Interval = { mean, low: Math.max(0, mean - half), high: Math.min(1, mean + half) };
   const wireBytes: Interval = { mean: readBytes * ratio.mean, low: readBytes * ratio.low, high: readBytes * ratio.high };
-  const requests = Math.ceil(readBytes / CHUNK) + 2;
-  const cpuBytesPerSecond = cpuSeconds > 0 ? sampledRaw / cpuSeconds : Number.POSITIVE_INFINITY;
+  const writtenBytes = sampledRaw > 0 ? readBytes * (sampledData / sampledRaw) : 0;
+  const rate = (seconds: number) => (seconds > 0 ? sampledRaw / seconds : Number.POSITIVE_INFINITY);
+  const model: CostModel = {
+    ...DEFAULT_COSTS,
+    senderBytesPerSecond: rate(senderSeconds),
+    agentBytesPerSecond: rate(agentSeconds),
+    verifyBytesPerSecond: rate(verifySeconds),
+    ...o.model,
+  };
   const est: Estimate = {
     virtualSize: reader.virtualSize,
     allocatedBytes,
     readBytes,
+    writtenBytes,
     codec,
     samples: n,
     sampledBytes: sampledRaw,
     ratio,
     wireBytes,
-    requests,
-    cpuBytesPerSecond,
+    requests: chunks + 2,
+    cpuBytesPerSecond: model.senderBytesPerSecond,
+    model,
     rtt,
+    streams,
   };
   if (o.bandwidth) {
     const bw = o.bandwidth;
-    const cpu = readBytes / cpuBytesPerSecond;
-    // Requests overlap over the streams: latency costs one round trip per `streams` chunks, plus begin and finish.
-    const latency = (Math.ceil(requests / streams) + 2) * rtt;
-    // At the end the agent reads the finished image back and hashes it before answering.
-    const verify = hashSeconds > 0 ? readBytes * (hashSeconds / sampledRaw) * 2 : 0;
-    const time = (wire: number) => Math.max(wire / bw + latency, cpu) + verify;
+    const shape = { readBytes, writtenBytes, chunks, bandwidth: bw, rtt, streams };
+    const at = (wire: number) => transferTime({ ...shape, wireBytes: wire }, model);
+    const terms = at(wireBytes.mean);
     est.bandwidth = bw;
-    est.seconds = { mean: time(wireBytes.mean), low: time(wireBytes.low), high: time(wireBytes.high) };
-    est.limitedBy = wireBytes.mean / bw + latency >= cpu ? 'network' : 'cpu';
-    est.verifySeconds = verify;
+    est.seconds = { mean: terms.total, low: at(wireBytes.low).total, high: at(wireBytes.high).total };
+    est.limitedBy = terms.limitedBy;
+    est.terms = terms;
+    est.verifySeconds = terms.verify;
     if (o.dirtyRate !== undefined)
       est.precopy = precopy(allocatedBytes, o.dirtyRate, bw / Math.max(ratio.mean, 1e-6), ratio.mean, o);
   } else if (o.dirtyRate !== undefined) {
