@@ -1,10 +1,17 @@
 import { createRequire } from 'node:module';
 
-/** The optional C helper (native/): SEEK_DATA/SEEK_HOLE and hole punching. */
+/** The optional C helper (native/): SEEK_DATA/SEEK_HOLE, hole punching, mapped read windows. */
 export interface NativeHelper {
   /** Next data (which = 0) or hole (which = 1) offset at or after `offset`; -1 when none. */
   seek(fd: number, offset: number, which: 0 | 1): number;
   punchHole(fd: number, offset: number, length: number): boolean;
+  /** Page-aligned private memory that mapFile can point at a file's pages. */
+  mapWindow(length: number): Buffer;
+  /**
+   * Maps file bytes [offset, offset + length) copy-on-write over buffer[0, length); false when the
+   * buffer or offset is not page aligned or the kernel refuses (read the ordinary way then).
+   */
+  mapFile(buffer: Buffer, fd: number, offset: number, length: number): boolean;
 }
 
 let cached: NativeHelper | null | undefined;
