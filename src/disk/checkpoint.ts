@@ -74,11 +74,15 @@ export function unseal(state: unknown, what: string, path: string): Record<strin
 }
 
 /**
- * Takes over the checkpointed temp file of `path`, after checking that it is the output's own
- * temp file, at least as long as recorded, and that its sampled bytes are unchanged; then cuts it
- * back to the checkpointed length.
+ * Checks, reading only, that the state names the output's own temp file, that the file is at
+ * least as long as recorded, and that its sampled bytes are unchanged.
  */
-export function adoptMarked(path: string, s: Record<string, unknown>, floor: number, what: string): AtomicFileSink {
+export function verifyMarked(
+  path: string,
+  s: Record<string, unknown>,
+  floor: number,
+  what: string,
+): { tempPath: string; length: number } {
   const { tempPath, length, sample } = s;
   if (typeof tempPath !== 'string' || !Number.isSafeInteger(length) || (length as number) < 0 || typeof sample !== 'string') {
     throw new UsageError(`invalid ${what} checkpoint state`, path);
@@ -104,5 +108,10 @@ export function adoptMarked(path: string, s: Record<string, unknown>, floor: num
     throw new UsageError(`the checkpointed ${what} file is ${size} bytes, shorter than the ${len} recorded`, path);
   }
   if (digest !== sample) throw new UsageError(`the checkpointed ${what} file's content does not match its state`, path);
-  return new AtomicFileSink(path, { tempPath, length: len });
+  return { tempPath, length: len };
+}
+
+/** verifyMarked, then takes the temp file over and cuts it back to the checkpointed length. */
+export function adoptMarked(path: string, s: Record<string, unknown>, floor: number, what: string): AtomicFileSink {
+  return new AtomicFileSink(path, verifyMarked(path, s, floor, what));
 }

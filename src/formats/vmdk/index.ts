@@ -3,7 +3,7 @@ import type { CreateOptions, DiskReader, FormatDriver, MeasureResult } from '../
 import { checkVmdk } from './check.js';
 import { looksLikeDescriptor, MAX_DESCRIPTOR_BYTES, SECTOR, SPLIT_BYTES } from './layout.js';
 import { extentMagic, VmdkReader } from './reader.js';
-import { createVmdk, GRAIN_SECTORS, parseCreateOptions, sparseLayout, VMDK_CREATE_OPTIONS } from './writer.js';
+import { createVmdk, GRAIN_SECTORS, parseCreateOptions, resumeVmdk, sparseLayout, VMDK_CREATE_OPTIONS } from './writer.js';
 
 /** Bytes a conversion to vmdk needs, from the source's allocation at grain granularity. */
 async function measureVmdk(source: DiskReader, virtualSize: number, options: CreateOptions): Promise<MeasureResult> {
@@ -46,6 +46,7 @@ export const vmdkDriver: FormatDriver = {
   },
   open: (path, options) => VmdkReader.open(path, options),
   create: (path, size, options) => createVmdk(path, size, options),
+  resume: (path, size, options, state) => resumeVmdk(path, size, options, state),
   createOptions: VMDK_CREATE_OPTIONS,
   check: (path, options) => checkVmdk(path, options),
   measure: measureVmdk,

@@ -6,6 +6,7 @@ import { createHash } from 'node:crypto';
 import { closeSync, openSync, readSync } from 'node:fs';
 import { basename, dirname, join } from 'node:path';
 import { deflateSync } from 'node:zlib';
+import { adoptMarked, markFile, seal, unseal, verifyMarked } from '../../disk/checkpoint.js';
 import { UsageError, VmferryError } from '../../disk/errors.js';
 import { checkKnownOptions, parseBoolOption } from '../../disk/options.js';
 import { AtomicFileSink, type ByteSink, commitAll, openSink } from '../../disk/sink.js';
@@ -171,6 +172,34 @@ export function sparseLayout(capacitySectors: number) {
   return { grains, gtCount, gtSectors, gdSectors, rgdOffset, gdOffset, grainOffset };
 }
 
+const MiB = 1024 * 1024;
+
+/** Ascending indices as runs [first, count]. */
+function toRuns(sorted: number[]): [number, number][] {
+  const runs: [number, number][] = [];
+  for (const i of sorted) {
+    const last = runs.at(-1);
+    if (last && last[0] + last[1] === i) last[1]++;
+    else runs.push([i, 1]);
+  }
+  return runs;
+}
+
+function fromRuns(runs: unknown, limit: number, bad: (why: string) => Error): Set<number> {
+  if (!Array.isArray(runs)) throw bad('malformed');
+  const out = new Set<number>();
+  let prev = -1;
+  for (const run of runs) {
+    if (!Array.isArray(run) || run.length !== 2 || !Number.isSafeInteger(run[0]) || !Number.isSafeInteger(run[1]))
+      throw bad('malformed run');
+    const [first, count] = run as [number, number];
+    if (first <= prev || count < 1 || first + count > limit) throw bad('a table outside the disk');
+    for (let i = first; i < first + count; i++) out.add(i);
+    prev = first + count - 1;
+  }
+  return out;
+}
+
 /** An uncompressed hosted sparse extent, written through a random-access sink. */
 class SparseExtentWriter implements ExtentWriter {
   private readonly layout: ReturnType<typeof sparseLayout>;
@@ -181,6 +210,8 @@ class SparseExtentWriter implements ExtentWriter {
   private readonly spilled = new Set<number>();
   /** Grain tables holding at least one grain. */
   private readonly touched = new Set<number>();
+  /** Grain tables changed since they were last written to the file (checkpoints write these). */
+  private readonly dirty = new Set<number>();
   private pending: { grain: number; buf: Buffer } | null = null;
   private readFd: number | null = null;
 
@@ -207,7 +238,8 @@ class SparseExtentWriter implements ExtentWriter {
       const [oldest, old] = this.gts.entries().next().value as [number, Uint32Array];
       this.gts.delete(oldest);
       if (this.touched.has(oldest)) {
-        await this.writeTable(oldest, old);
+        if (this.dirty.has(oldest)) await this.writeTable(oldest, old);
+        this.dirty.delete(oldest);
         this.spilled.add(oldest);
       }
     }
@@ -244,7 +276,91 @@ class SparseExtentWriter implements ExtentWriter {
       const gt = Math.floor(g / GTES_PER_GT);
       this.touched.add(gt);
       (await this.table(gt))[g % GTES_PER_GT] = sector + i * GRAIN_SECTORS;
+      this.dirty.add(gt);
     }
+  }
+
+  /**
+   * Writes the grain tables changed since the last checkpoint to their places (both copies) and
+   * flushes. The state is then small: the allocation end and which tables hold grains; the tables
+   * themselves are read back from the file on resume.
+   */
+  async checkpoint(): Promise<Record<string, unknown>> {
+    if (this.pending) throw new UsageError('a vmdk output cannot be checkpointed in the middle of a grain', this.sink.name);
+    for (const gt of this.dirty) await this.writeTable(gt, this.gts.get(gt)!);
+    this.dirty.clear();
+    const mark = await markFile(this.sink, this.layout.grainOffset * SECTOR, 'vmdk');
+    return { nextSector: this.nextSector, touched: toRuns([...this.touched].sort((a, b) => a - b)), ...mark };
+  }
+
+  /**
+   * Checks a checkpoint state against the file's grain tables, read-only: tables written after
+   * the checkpoint (by the process that was killed) may point at grains past its end; those
+   * entries are dropped. Returns the tables that need writing back, or throws on a mismatch.
+   */
+  static scan(length: number, s: Record<string, unknown>, bad: (why: string) => Error) {
+    const l = sparseLayout(Math.ceil(length / SECTOR));
+    const next = s.nextSector;
+    if (!Number.isSafeInteger(next) || (next as number) < l.grainOffset || ((next as number) - l.grainOffset) % GRAIN_SECTORS)
+      throw bad('allocation end');
+    const nextSector = next as number;
+    if (!Number.isSafeInteger(s.length) || (s.length as number) > nextSector * SECTOR) throw bad('length past the grains');
+    const touched = fromRuns(s.touched, l.gtCount, bad);
+    const fixes = new Map<number, Uint32Array>();
+    const tableBytes = GTES_PER_GT * 4;
+    const fd = openSync(s.tempPath as string, 'r');
+    try {
+      const per = Math.max(1, Math.floor(MiB / tableBytes));
+      const bufs = [Buffer.alloc(per * tableBytes), Buffer.alloc(per * tableBytes)];
+      for (let first = 0; first < l.gtCount; first += per) {
+        const n = Math.min(per, l.gtCount - first);
+        [false, true].forEach((redundant, k) => {
+          const base = ((redundant ? l.rgdOffset : l.gdOffset) + l.gdSectors + first * l.gtSectors) * SECTOR;
+          bufs[k]!.fill(0);
+          readSync(fd, bufs[k]!, 0, n * tableBytes, base);
+        });
+        for (let i = 0; i < n; i++) {
+          const gt = first + i;
+          const views = bufs.map((b) => new Uint32Array(b.buffer, b.byteOffset + i * tableBytes, GTES_PER_GT));
+          const clean = new Uint32Array(GTES_PER_GT);
+          let kept = 0;
+          let changed = false;
+          for (let e = 0; e < GTES_PER_GT; e++) {
+            const a = views[0]![e]!;
+            const b = views[1]![e]!;
+            const keep = (v: number) => (v >= nextSector ? 0 : v);
+            if (keep(a) !== keep(b)) throw bad('its two grain-table copies disagree');
+            const v = keep(a);
+            if (v !== 0 && (v < l.grainOffset || (v - l.grainOffset) % GRAIN_SECTORS !== 0)) throw bad('a grain-table entry');
+            if (v !== a || v !== b) changed = true;
+            if (v !== 0) kept++;
+            clean[e] = v;
+          }
+          if (kept > 0 !== touched.has(gt)) throw bad('grain tables differ from the state');
+          if (changed) fixes.set(gt, clean);
+        }
+      }
+    } finally {
+      closeSync(fd);
+    }
+    return { nextSector, touched, fixes };
+  }
+
+  /** A writer continuing a checkpoint that scan() accepted; cleaned tables are written back. */
+  static async resumed(
+    sink: AtomicFileSink,
+    length: number,
+    zeroedGrain: boolean,
+    scanned: ReturnType<typeof SparseExtentWriter.scan>,
+  ): Promise<SparseExtentWriter> {
+    const w = new SparseExtentWriter(sink, length, zeroedGrain);
+    w.nextSector = scanned.nextSector;
+    for (const gt of scanned.touched) {
+      w.touched.add(gt);
+      w.spilled.add(gt);
+    }
+    for (const [gt, t] of scanned.fixes) await w.writeTable(gt, t);
+    return w;
   }
 
   private async flushPending(): Promise<void> {
@@ -389,12 +505,15 @@ class MultiExtentWriter implements DiskWriter {
   private readonly sizes: number[];
   private descriptorSink: ByteSink | null = null;
   private finished = false;
+  /** Only monolithicSparse (one file) can be checkpointed; multi-file outputs restart from zero. */
+  checkpoint?: () => Promise<unknown>;
 
   constructor(
     private readonly path: string,
     readonly virtualSize: number,
     private readonly settings: VmdkCreateSettings,
     private readonly mainSink: AtomicFileSink | null,
+    resumed?: SparseExtentWriter,
   ) {
     const s = settings.subformat;
     const split = s === 'twoGbMaxExtentSparse' || s === 'twoGbMaxExtentFlat';
@@ -405,6 +524,13 @@ class MultiExtentWriter implements DiskWriter {
     this.done = new Array(count).fill(false);
     this.clusterSize = this.flat ? 4096 : GRAIN_BYTES;
     this.sequentialOnly = split;
+    if (settings.subformat === 'monolithicSparse') {
+      if (resumed) this.writers[0] = resumed;
+      this.checkpoint = async () => {
+        const w = this.get(0) as SparseExtentWriter;
+        return seal({ format: 'vmdk', subformat: 'monolithicSparse', size: this.virtualSize, ...(await w.checkpoint()) });
+      };
+    }
   }
 
   private get flat(): boolean {
@@ -563,6 +689,62 @@ class StreamOptimizedWriter implements DiskWriter {
     await this.emit(head);
   }
 
+  /**
+   * The stream so far is final (grains and finished grain tables are never rewritten), so the
+   * state is its length, the directory entries so far and the grain table being filled.
+   */
+  async checkpoint(): Promise<unknown> {
+    if (this.pending) throw new UsageError('a vmdk output cannot be checkpointed in the middle of a grain', this.sink.name);
+    const mark = await markFile(this.sink, 0, 'vmdk');
+    if (mark.length !== this.pos) throw new VmferryError('the stream file is not as long as written', this.sink.name);
+    return seal({
+      format: 'vmdk',
+      subformat: 'streamOptimized',
+      size: this.virtualSize,
+      floor: this.floor,
+      gtIndex: this.gtIndex,
+      gd: nonZero(new Uint32Array(this.gd.buffer, this.gd.byteOffset, this.gd.length / 4)),
+      gt: nonZero(this.gt),
+      ...mark,
+    });
+  }
+
+  /** Restores a checkpoint's tables into a writer whose sink was adopted (after checking them). */
+  static check(s: Record<string, unknown>, virtualSize: number, bad: (why: string) => Error) {
+    const capacity = Math.ceil(virtualSize / SECTOR);
+    const gdEntries = Math.ceil(capacity / (GRAIN_SECTORS * GTES_PER_GT));
+    const grains = Math.ceil(capacity / GRAIN_SECTORS);
+    const { floor, gtIndex, length } = s;
+    if (!Number.isSafeInteger(length) || (length as number) < GRAIN_BYTES || (length as number) % SECTOR) throw bad('length');
+    if (!Number.isSafeInteger(floor) || (floor as number) < 0 || (floor as number) > grains) throw bad('grain count');
+    if (!Number.isSafeInteger(gtIndex) || (gtIndex as number) < -1 || (gtIndex as number) >= gdEntries) throw bad('table index');
+    const end = (length as number) / SECTOR;
+    const gd = parseNonZero(s.gd, gdEntries, end, bad);
+    const gt = parseNonZero(s.gt, GTES_PER_GT, end, bad);
+    // The table being filled is the one holding the last grain; finished tables come before it.
+    const g = gtIndex as number;
+    if (gt.size > 0 && (g < 0 || Math.floor(((floor as number) - 1) / GTES_PER_GT) !== g)) throw bad('table index');
+    for (const i of gd.keys()) if (i >= g) throw bad('directory entry');
+    return { floor: floor as number, gtIndex: g, gd, gt, pos: length as number };
+  }
+
+  static resumed(
+    sink: AtomicFileSink,
+    virtualSize: number,
+    settings: VmdkCreateSettings,
+    extentName: string,
+    c: ReturnType<typeof StreamOptimizedWriter.check>,
+  ): StreamOptimizedWriter {
+    const w = new StreamOptimizedWriter(sink, virtualSize, settings, extentName);
+    for (const [i, v] of c.gd) w.gd.writeUInt32LE(v, i * 4);
+    for (const [i, v] of c.gt) w.gt[i] = v;
+    w.gtUsed = c.gt.size > 0;
+    w.gtIndex = c.gtIndex;
+    w.floor = c.floor;
+    w.pos = c.pos;
+    return w;
+  }
+
   /** While writeCompressed runs: what it emits, written as one at its end. */
   private batch: Buffer[] | null = null;
 
@@ -701,6 +883,56 @@ class StreamOptimizedWriter implements DiskWriter {
   async abort(): Promise<void> {
     await this.sink.abort();
   }
+}
+
+/** Non-zero entries as [index, value] pairs (tables are mostly empty while being written). */
+function nonZero(a: Uint32Array): [number, number][] {
+  const out: [number, number][] = [];
+  for (let i = 0; i < a.length; i++) if (a[i] !== 0) out.push([i, a[i]!]);
+  return out;
+}
+
+function parseNonZero(v: unknown, size: number, below: number, bad: (why: string) => Error): Map<number, number> {
+  if (!Array.isArray(v)) throw bad('malformed');
+  const out = new Map<number, number>();
+  for (const pair of v) {
+    if (!Array.isArray(pair) || pair.length !== 2 || !Number.isSafeInteger(pair[0]) || !Number.isSafeInteger(pair[1]))
+      throw bad('malformed entry');
+    const [i, x] = pair as [number, number];
+    if (i < 0 || i >= size || out.has(i) || x < 1 || x >= below) throw bad('a table entry');
+    out.set(i, x);
+  }
+  return out;
+}
+
+/**
+ * Continues a checkpointed monolithicSparse or streamOptimized output (the multi-file subformats
+ * cannot be checkpointed); the file is cut back to its checkpointed length.
+ */
+export async function resumeVmdk(path: string, virtualSize: number, options: CreateOptions, state: unknown): Promise<DiskWriter> {
+  const settings = parseCreateOptions(options);
+  if (!Number.isSafeInteger(virtualSize) || virtualSize < 0) throw new UsageError(`Invalid image size ${virtualSize}`);
+  const size = Math.ceil(virtualSize / SECTOR) * SECTOR;
+  const sub = settings.subformat;
+  if (sub !== 'monolithicSparse' && sub !== 'streamOptimized') {
+    throw new UsageError(`vmdk subformat ${sub} (several files) cannot be resumed`, path);
+  }
+  const s = unseal(state, 'vmdk', path);
+  const bad = (why: string) => new UsageError(`the vmdk checkpoint state does not fit this output (${why})`, path);
+  if (s.format !== 'vmdk' || s.subformat !== sub || s.size !== size) throw bad('subformat or size');
+  if (sub === 'streamOptimized') {
+    const c = StreamOptimizedWriter.check(s, size, bad);
+    return StreamOptimizedWriter.resumed(adoptMarked(path, s, 0, 'vmdk'), size, settings, basename(path), c);
+  }
+  if (size > 2 ** 32 * SECTOR) throw new UsageError('a monolithicSparse vmdk holds at most 2 TiB', path);
+  const extentLength = Math.max(size, SECTOR);
+  const floor = sparseLayout(Math.ceil(extentLength / SECTOR)).grainOffset * SECTOR;
+  // The checks that only read come first: a refused state leaves the file as it was.
+  verifyMarked(path, s, floor, 'vmdk');
+  const scanned = SparseExtentWriter.scan(extentLength, s, bad);
+  const sink = adoptMarked(path, s, floor, 'vmdk');
+  const extent = await SparseExtentWriter.resumed(sink, extentLength, settings.zeroedGrain, scanned);
+  return new MultiExtentWriter(path, size, settings, sink, extent);
 }
 
 export async function createVmdk(path: string, virtualSize: number, options: CreateOptions): Promise<DiskWriter> {
