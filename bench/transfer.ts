@@ -7,8 +7,9 @@
  *                               [--sub MiB] [--netns] [--rtt MS] [--streams N]
  *
  * Bandwidth is limited by `send --rate` (the sender's token bucket), or with --netns by the kernel:
- * the agent runs in a network namespace behind a veth pair whose host side carries a netem qdisc
- * (rate, and delay for --rtt); the sender then runs without --rate. Needs root and iproute2.
+ * the agent runs in a network namespace behind a veth pair whose host side carries a tbf qdisc
+ * (rate) and, for --rtt, whose namespace side carries netem (delay); the sender then runs without
+ * --rate. Needs root and iproute2 (netem also needs the sch_netem kernel module).
  * Target: estimate within 15% of the median measured time.
  */
 import { type ChildProcess, execFileSync, spawn } from 'node:child_process';
@@ -131,10 +132,38 @@ function netnsUp(): void {
 }
 
 function netnsShape(rate: number, rtt: number): void {
-  // netem's rate counts bits per second of whole packets; a long queue so it shapes, never drops.
-  const args = ['qdisc', 'replace', 'dev', HOST_IF, 'root', 'netem', 'rate', `${Math.round(rate * 8)}bit`, 'limit', '100000'];
-  if (rtt > 0) args.push('delay', `${(rtt * 1000).toFixed(3)}ms`);
-  sh('tc', args);
+  // tbf shapes sender -> agent; the latency bound is a queue long enough that it delays, not drops.
+  sh('tc', [
+    'qdisc',
+    'replace',
+    'dev',
+    HOST_IF,
+    'root',
+    'tbf',
+    'rate',
+    `${Math.round(rate * 8)}bit`,
+    'burst',
+    '256kb',
+    'latency',
+    '500ms',
+  ]);
+  // The round trip on the way back (agent -> sender), so the two qdiscs do not stack. Needs sch_netem,
+  // which this VM's kernel lacks ("Error: Specified qdisc kind is unknown.").
+  if (rtt > 0)
+    sh('ip', [
+      'netns',
+      'exec',
+      NS,
+      'tc',
+      'qdisc',
+      'replace',
+      'dev',
+      NS_IF,
+      'root',
+      'netem',
+      'delay',
+      `${(rtt * 1000).toFixed(3)}ms`,
+    ]);
 }
 
 function netnsDown(): void {
@@ -218,7 +247,7 @@ async function main(): Promise<void> {
   if (a.netns) netnsUp();
   const agent = await serve(root, tokenFile, a.netns);
   console.log(
-    `mode ${a.netns ? `netns (netem rate${a.rtt ? `, delay ${a.rtt * 1000} ms` : ''})` : 'send --rate'}; ${a.runs} runs per row; streams ${a.streams}`,
+    `mode ${a.netns ? `netns (tbf rate${a.rtt ? `, netem delay ${a.rtt * 1000} ms` : ''})` : 'send --rate'}; ${a.runs} runs per row; streams ${a.streams}`,
   );
   console.log(
     'image                 codec rate(MB/s) estimate(s) [95%]      measured(s) [min..max]   diff   wire est/actual MiB  limited by',
@@ -290,7 +319,8 @@ async function main(): Promise<void> {
 }
 
 main().catch((err) => {
-  console.error(err instanceof Error ? err.message : err);
+  const e = err as Error & { stderr?: Buffer };
+  console.error(`${e.message ?? e}${e.stderr ? ` ${e.stderr.toString().trim()}` : ''}`);
   if (parseArgs(process.argv.slice(2)).netns) netnsDown();
   process.exit(1);
 });

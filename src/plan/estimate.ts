@@ -31,9 +31,13 @@ export interface CostModel {
   syncBytesPerSecond: number;
 }
 
-/** Measured here: `vmferry --version` takes 0.13-0.21 s; loopback TLS handshakes ~4 ms; fsync'd writes 150-240 MB/s. */
+/**
+ * Measured on the 2-core benchmark VM: a send process's wall time minus its own clock (node start,
+ * module loading, CLI parsing, exit) was 0.42-0.73 s at a load average of ~7 (`vmferry --version`
+ * alone 0.13-0.21 s); `dd conv=fsync` of 256 MiB wrote at 152-239 MB/s.
+ */
 export const DEFAULT_COSTS: Pick<CostModel, 'startSeconds' | 'tlsSeconds' | 'syncBytesPerSecond'> = {
-  startSeconds: 0.25,
+  startSeconds: 0.6,
   tlsSeconds: 0.004,
   syncBytesPerSecond: 180e6,
 };
