@@ -1,8 +1,8 @@
 import { availableParallelism } from 'node:os';
 import { Worker } from 'node:worker_threads';
 import { VmferryError } from '../disk/errors.js';
-import type { CodecSpec } from '../disk/types.js';
-import type { CompressDone, CompressJob } from './compress-worker.js';
+import type { CodecSpec, PackedUnit } from '../disk/types.js';
+import type { CompressDone, CompressJob, DecodeUnit, DecompressDone, DecompressJob } from './compress-worker.js';
 
 export interface Compressed {
   /** The chunk that was sent, back from the worker (same memory). */
@@ -13,13 +13,13 @@ export interface Compressed {
   output: Buffer;
 }
 
-interface Pending {
-  resolve: (r: Compressed) => void;
-  reject: (e: Error) => void;
-}
+type Pending =
+  | { kind: 'compress'; resolve: (r: Compressed) => void; reject: (e: Error) => void }
+  | { kind: 'decompress'; units: PackedUnit[]; moved: boolean; resolve: (chunk: Buffer) => void; reject: (e: Error) => void };
 
 /**
- * A pool of worker threads, one per core, compressing units of data chunks. Jobs go to the least
+ * A pool of worker threads, one per core, compressing units of data chunks for writers and
+ * decoding readers' packed units into chunks. Jobs go to the least
  * busy worker; chunks move to the worker and back without copies, and output memory is recycled
  * (release()), so a long conversion allocates a few buffers once instead of a gigabyte of
  * garbage the collector would let pile up.
@@ -28,19 +28,22 @@ export class CompressPool {
   private readonly workers: { worker: Worker; busy: number }[] = [];
   private readonly pending = new Map<number, Pending>();
   private readonly spare: ArrayBuffer[] = [];
+  /** Memory for packed input, back from the workers after each decompress job. */
+  private readonly spareIn: ArrayBuffer[] = [];
   private nextId = 1;
 
   constructor(readonly size = Math.max(1, availableParallelism())) {
     for (let i = 0; i < size; i++) {
       const worker = new Worker(new URL('./compress-worker.js', import.meta.url));
       const slot = { worker, busy: 0 };
-      worker.on('message', (done: CompressDone) => {
+      worker.on('message', (done: CompressDone | DecompressDone) => {
         slot.busy--;
         // An idle pool must not keep the process alive; a busy one must (the caller awaits it).
         if (slot.busy === 0) worker.unref();
+        if (done.kind === 'decompress') return this.decompressed(done);
         if (done.unused) this.spare.push(done.unused);
         const p = this.pending.get(done.id);
-        if (!p) return;
+        if (p?.kind !== 'compress') return;
         this.pending.delete(done.id);
         if (done.error) return p.reject(new VmferryError(`compression failed: ${done.error}`));
         const out = Buffer.from(done.output);
@@ -68,20 +71,81 @@ export class CompressPool {
    * gets it again in the result and must not touch the buffer it passed in meanwhile.
    */
   compress(spec: CodecSpec, chunk: Buffer, ranges: [number, number][]): Promise<Compressed> {
-    // A Buffer may be a view into a larger pooled ArrayBuffer: give the worker exactly this chunk.
-    const own =
-      chunk.byteOffset === 0 && chunk.byteLength === chunk.buffer.byteLength
-        ? (chunk.buffer as ArrayBuffer)
-        : chunk.buffer.slice(chunk.byteOffset, chunk.byteOffset + chunk.byteLength);
-    const slot = this.workers.reduce((a, b) => (b.busy < a.busy ? b : a));
-    const id = this.nextId++;
-    if (slot.busy++ === 0) slot.worker.ref();
+    const own = ownMemory(chunk);
+    const { slot, id } = this.pick();
     const spare = this.spare.pop();
     return new Promise((resolve, reject) => {
-      this.pending.set(id, { resolve, reject });
-      const job: CompressJob = { id, spec, chunk: own as ArrayBuffer, ranges, spare };
-      slot.worker.postMessage(job, spare ? [own as ArrayBuffer, spare] : [own as ArrayBuffer]);
+      this.pending.set(id, { kind: 'compress', resolve, reject });
+      const job: CompressJob = { id, spec, chunk: own, ranges, spare };
+      slot.worker.postMessage(job, spare ? [own, spare] : [own]);
     });
+  }
+
+  /**
+   * Decodes `units` (guest offsets; `base` is the guest offset of chunk[0]) into their places in
+   * `chunk`. The chunk's memory moves to the worker and back, as with compress(): the result is the
+   * same memory, filled. A unit that does not decode rejects with that unit's corrupt() error.
+   */
+  decompress(chunk: Buffer, base: number, units: PackedUnit[]): Promise<Buffer> {
+    const own = ownMemory(chunk);
+    const list: DecodeUnit[] = [];
+    // Units read into one block of their own memory travel with it; others are gathered by copy.
+    const shared = units[0]!.packed.buffer;
+    const move = units.every((u) => u.movable && u.packed.buffer === shared);
+    let packed: ArrayBuffer | undefined;
+    let view: Buffer | undefined;
+    if (move) packed = shared as ArrayBuffer;
+    else {
+      let total = 0;
+      for (const u of units) total += u.packed.length;
+      packed = this.spareIn.pop();
+      if (!packed || packed.byteLength < total) packed = new ArrayBuffer(Math.max(total, chunk.length + (chunk.length >> 4)));
+      view = Buffer.from(packed);
+    }
+    let pos = 0;
+    for (const u of units) {
+      let start = u.packed.byteOffset;
+      if (view) {
+        start = pos;
+        u.packed.copy(view, pos);
+        pos += u.packed.length;
+      }
+      list.push({
+        codec: u.codec,
+        start,
+        end: start + u.packed.length,
+        at: u.offset - base,
+        skip: u.skip,
+        length: u.length,
+        size: u.size,
+        minSize: u.minSize,
+      });
+    }
+    const { slot, id } = this.pick();
+    return new Promise((resolve, reject) => {
+      this.pending.set(id, { kind: 'decompress', units, resolve, reject, moved: move });
+      const job: DecompressJob = { kind: 'decompress', id, chunk: own, packed: packed!, units: list };
+      slot.worker.postMessage(job, [own, packed!]);
+    });
+  }
+
+  private decompressed(done: DecompressDone): void {
+    const p = this.pending.get(done.id);
+    if (p?.kind !== 'decompress') return;
+    // A reader's own block is not kept: it is sized for its grains, not for later copies.
+    if (!p.moved && this.spareIn.length < this.size * 4) this.spareIn.push(done.packed);
+    this.pending.delete(done.id);
+    const f = done.failed;
+    if (done.error) p.reject(new VmferryError(`decompression failed: ${done.error}`));
+    else if (f) p.reject(p.units[f.index]!.corrupt(f.reason !== undefined ? { reason: f.reason } : { decoded: f.decoded ?? 0 }));
+    else p.resolve(Buffer.from(done.chunk));
+  }
+
+  /** The least busy worker, kept referenced while it has work. */
+  private pick(): { slot: { worker: Worker; busy: number }; id: number } {
+    const slot = this.workers.reduce((a, b) => (b.busy < a.busy ? b : a));
+    if (slot.busy++ === 0) slot.worker.ref();
+    return { slot, id: this.nextId++ };
   }
 
   /** Gives an output's memory back for later jobs; the caller must not use it afterwards. */
@@ -93,4 +157,13 @@ export class CompressPool {
   async close(): Promise<void> {
     await Promise.all(this.workers.map((w) => w.worker.terminate()));
   }
+}
+
+/** A Buffer may be a view into a larger pooled ArrayBuffer: give the worker exactly this memory. */
+function ownMemory(chunk: Buffer): ArrayBuffer {
+  return (
+    chunk.byteOffset === 0 && chunk.byteLength === chunk.buffer.byteLength
+      ? chunk.buffer
+      : chunk.buffer.slice(chunk.byteOffset, chunk.byteOffset + chunk.byteLength)
+  ) as ArrayBuffer;
 }

@@ -1,12 +1,24 @@
-/** Worker thread: compresses units of a chunk with the codec the writer asked for. */
+/**
+ * Worker thread: compresses units of a chunk with the codec the writer asked for, or decodes a
+ * reader's packed units into their places in a chunk.
+ */
+import { createRequire } from 'node:module';
 import { setFlagsFromString } from 'node:v8';
 import { runInNewContext } from 'node:vm';
 import { parentPort } from 'node:worker_threads';
-import { deflateRawSync, deflateSync } from 'node:zlib';
-import { compress as zstdCompress } from 'zstd-napi';
-import type { CodecSpec } from '../disk/types.js';
+import { deflateRawSync, deflateSync, inflateRawSync, inflateSync } from 'node:zlib';
+import type { CodecSpec, PackedCodec } from '../disk/types.js';
+
+type ZstdModule = typeof import('zstd-napi');
+let zstdModule: ZstdModule | undefined;
+/** Loaded on first use: its native binding would add to every worker's start-up. */
+function zstd(): ZstdModule {
+  zstdModule ??= createRequire(import.meta.url)('zstd-napi') as ZstdModule;
+  return zstdModule;
+}
 
 export interface CompressJob {
+  kind?: undefined;
   id: number;
   spec: CodecSpec;
   chunk: ArrayBuffer;
@@ -17,6 +29,7 @@ export interface CompressJob {
 }
 
 export interface CompressDone {
+  kind?: undefined;
   id: number;
   chunk: ArrayBuffer;
   output: ArrayBuffer;
@@ -27,6 +40,78 @@ export interface CompressDone {
   error?: string;
 }
 
+/** One packed unit of a decompress job; offsets into the job's chunk and packed memory. */
+export interface DecodeUnit {
+  codec: PackedCodec;
+  /** The stored bytes: packed[start, end). */
+  start: number;
+  end: number;
+  /** Decoded bytes [skip, skip + length) go to chunk[at, at + length). */
+  at: number;
+  skip: number;
+  length: number;
+  size: number;
+  minSize: number;
+}
+
+export interface DecompressJob {
+  kind: 'decompress';
+  id: number;
+  chunk: ArrayBuffer;
+  packed: ArrayBuffer;
+  units: DecodeUnit[];
+}
+
+export interface DecompressDone {
+  kind: 'decompress';
+  id: number;
+  chunk: ArrayBuffer;
+  packed: ArrayBuffer;
+  /** The first unit that did not decode, and why. */
+  failed?: { index: number; reason?: string; decoded?: number };
+  error?: string;
+}
+
+function decodeOne(u: DecodeUnit, src: Buffer): Buffer {
+  switch (u.codec) {
+    case 'inflate':
+      // One output chunk of a whole unit: no concatenation of 16 KiB pieces afterwards.
+      return inflateSync(src, { maxOutputLength: u.size, chunkSize: u.size + 1024 });
+    case 'inflate-raw':
+      return inflateRawSync(src, { finishFlush: 2 /* Z_SYNC_FLUSH: tolerate a cut-short end */, maxOutputLength: u.size });
+    case 'zstd': {
+      const out = zstd().decompress(src);
+      return out.length > u.size ? out.subarray(0, u.size) : out;
+    }
+  }
+}
+
+function decompressJob(job: DecompressJob): DecompressDone {
+  const chunk = Buffer.from(job.chunk);
+  const packed = Buffer.from(job.packed);
+  const done: DecompressDone = { kind: 'decompress', id: job.id, chunk: job.chunk, packed: job.packed };
+  for (let i = 0; i < job.units.length; i++) {
+    const u = job.units[i]!;
+    let out: Buffer;
+    try {
+      out = decodeOne(u, packed.subarray(u.start, u.end));
+    } catch (err) {
+      done.failed = { index: i, reason: (err as Error).message };
+      return done;
+    }
+    if (out.length < u.minSize) {
+      done.failed = { index: i, decoded: out.length };
+      return done;
+    }
+    // Past the decoded end (up to minSize's allowance, the unit's size) the unit reads as zeros.
+    const have = Math.max(0, Math.min(u.length, out.length - u.skip));
+    if (have > 0) out.copy(chunk, u.at, u.skip, u.skip + have);
+    if (have < u.length) chunk.fill(0, u.at + have, u.at + u.length);
+    sinceGc += out.length;
+  }
+  return done;
+}
+
 function compressOne(spec: CodecSpec, data: Buffer): Buffer {
   switch (spec.codec) {
     case 'deflate-raw':
@@ -34,7 +119,7 @@ function compressOne(spec: CodecSpec, data: Buffer): Buffer {
     case 'zlib':
       return deflateSync(data, { level: spec.level, windowBits: spec.windowBits ?? 15, memLevel: spec.memLevel ?? 8 });
     case 'zstd':
-      return zstdCompress(data, spec.level === undefined ? undefined : { compressionLevel: spec.level });
+      return zstd().compress(data, spec.level === undefined ? undefined : { compressionLevel: spec.level });
   }
 }
 
@@ -56,7 +141,21 @@ const gc = exposeGc();
 const GC_EVERY = 8 * 1024 * 1024;
 let sinceGc = 0;
 
-parentPort?.on('message', (job: CompressJob) => {
+parentPort?.on('message', (job: CompressJob | DecompressJob) => {
+  if (job.kind === 'decompress') {
+    let done: DecompressDone;
+    try {
+      done = decompressJob(job);
+    } catch (err) {
+      done = { kind: 'decompress', id: job.id, chunk: job.chunk, packed: job.packed, error: String(err) };
+    }
+    parentPort!.postMessage(done, [job.chunk, job.packed]);
+    if (gc && sinceGc >= GC_EVERY) {
+      sinceGc = 0;
+      gc({ type: 'minor' });
+    }
+    return;
+  }
   const chunk = Buffer.from(job.chunk);
   try {
     const outs = job.ranges.map(([s, e]) => compressOne(job.spec, chunk.subarray(s, e)));

@@ -1,3 +1,4 @@
+import { availableParallelism } from 'node:os';
 import { flatExtents } from '../disk/chain.js';
 import type { CompressedUnit, DiskReader, DiskWriter, Extent } from '../disk/types.js';
 import { isZero } from '../disk/zero.js';
@@ -20,9 +21,9 @@ export interface CopyOptions {
   baseline?: DiskReader;
   /** Walk only the source's own layer (its backing is the baseline): unallocated stays unallocated. */
   topLayerOnly?: boolean;
-  /** Worker threads for compressing writers (one per core when not given). */
+  /** Worker threads for compressing writers and packed reads (one per core when not given). */
   pool?: CompressPool;
-  /** How many chunks may be read (and compressed) ahead of the writer. */
+  /** How many chunks may be read (and decoded, compressed) ahead of the writer. */
   readAhead?: number;
 }
 
@@ -69,19 +70,27 @@ type Piece =
  * Copies guest content from a reader to a writer. Data is read in cluster-aligned chunks, several
  * ahead of the writer; all-zero clusters become zero() calls, never data; for compressing writers
  * the clusters are compressed on worker threads while later chunks are read, and handed to the
- * writer in ascending order. Memory stays at about (readAhead + 1) chunks whatever the disk size.
+ * writer in ascending order. Readers that can hand over compressed units undecoded (readPacked)
+ * have them decoded on the same workers, so a compressed source is inflated on every core.
+ * Memory stays at about (readAhead + 1) chunks whatever the disk size.
  */
 export async function copyDisk(reader: DiskReader, writer: DiskWriter, options: CopyOptions = {}): Promise<CopyStats> {
   const unit = Math.max(512, writer.clusterSize);
   const compressing = writer.compression !== undefined && writer.writeCompressed !== undefined;
   const wanted = options.chunkSize ?? (compressing ? DEFAULT_COMPRESS_CHUNK : DEFAULT_CHUNK);
   const chunk = Math.max(unit, Math.floor(wanted / unit) * unit);
-  const pool = compressing ? (options.pool ?? new CompressPool()) : null;
+  // Created on first use: a source without compressed units may never need it.
+  let pool: CompressPool | null = options.pool ?? null;
+  const getPool = (): CompressPool => {
+    pool ??= new CompressPool();
+    return pool;
+  };
   // Read buffers are reused (writers give them back when write() resolves): fresh memory for
   // every chunk costs page faults, and the collector lets hundreds of megabytes of it pile up.
   const free: Buffer[] = [];
   const takeBuffer = (): Buffer => free.pop() ?? Buffer.allocUnsafeSlow(chunk);
-  const depth = options.readAhead ?? (pool ? pool.size * 2 + 2 : 4);
+  const workers = options.pool?.size ?? availableParallelism();
+  const depth = options.readAhead ?? (compressing || reader.readPacked ? workers * 2 + 2 : 4);
   const stats: CopyStats = { virtualSize: reader.virtualSize, dataBytes: 0, zeroBytes: 0 };
   const baseline = options.baseline;
   let done = 0;
@@ -94,11 +103,16 @@ export async function copyDisk(reader: DiskReader, writer: DiskWriter, options: 
         : [{ kind: 'zero', offset: piece.offset, length: piece.length }];
       return { ops, covered: piece.length };
     }
-    const buffer = takeBuffer();
-    const data = await reader.read(piece.offset, piece.length, buffer.subarray(0, piece.length));
+    let buffer = takeBuffer();
+    if (reader.readPacked) {
+      const units = await reader.readPacked(piece.offset, piece.length, buffer.subarray(0, piece.length));
+      // The decoded chunk is the same memory, back from the worker.
+      if (units.length > 0) buffer = await getPool().decompress(buffer, piece.offset, units);
+    } else await reader.read(piece.offset, piece.length, buffer.subarray(0, piece.length));
+    const data = buffer.subarray(0, piece.length);
     const base = baseline ? await readBaseline(baseline, piece.offset, piece.length) : null;
     const runs = classify(piece.offset, data, base, unit);
-    if (!pool || !runs.some((r) => r.kind === 'data')) {
+    if (!compressing || !runs.some((r) => r.kind === 'data')) {
       return { ops: runsToOps(piece.offset, data, runs), covered: piece.length, buffer };
     }
     // Each data cluster is compressed on its own: that is what the formats store.
@@ -109,7 +123,7 @@ export async function copyDisk(reader: DiskReader, writer: DiskWriter, options: 
         ranges.push([s, nextBoundary(piece.offset, s, unit, r.end)]);
     }
     // The whole buffer travels (its own memory, so it moves to the worker instead of being copied).
-    const { chunk: back, outputs, output } = await pool.compress(writer.compression!, buffer, ranges);
+    const { chunk: back, outputs, output } = await getPool().compress(writer.compression!, buffer, ranges);
     const ops: WriteOp[] = [];
     let k = 0;
     for (const r of runs) {

@@ -52,7 +52,33 @@ export interface DiskReader {
   extents(from?: number, to?: number): AsyncIterable<Extent>;
   /** Guest-visible content, backing chain merged in; reads past the end are an error. */
   read(offset: number, length: number, into?: Buffer): Promise<Buffer>;
+  /**
+   * Optional: read() without decoding compressed units, so the caller can decode them on worker
+   * threads. Fills `into` (length bytes) except the ranges of the returned units (ascending).
+   */
+  readPacked?(offset: number, length: number, into: Buffer): Promise<PackedUnit[]>;
   close(): Promise<void>;
+}
+
+/** inflate: zlib stream (VMDK grains); inflate-raw: raw deflate (qcow2); zstd: one zstd frame (qcow2). */
+export type PackedCodec = 'inflate' | 'inflate-raw' | 'zstd';
+
+/** A compressed unit of guest data as stored, handed over undecoded by DiskReader.readPacked. */
+export interface PackedUnit {
+  /** Guest bytes [offset, offset + length) come from this unit's decoded bytes [skip, skip + length). */
+  offset: number;
+  length: number;
+  skip: number;
+  codec: PackedCodec;
+  packed: Buffer;
+  /** Decoded size of the unit: more output is an error for inflate and cut off for zstd. */
+  size: number;
+  /** Shortest decoded output accepted; from there up to `size` it reads as zeros. */
+  minSize: number;
+  /** `packed` lies in memory nothing else uses: the caller may move it to another thread. */
+  movable?: boolean;
+  /** The error to raise when the unit fails to decode (the codec's message) or decodes too short. */
+  corrupt(problem: { reason: string } | { decoded: number }): Error;
 }
 
 /** A compression codec the copy pipeline can run on worker threads for a writer. */

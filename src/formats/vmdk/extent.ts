@@ -4,7 +4,7 @@
  */
 import { inflateSync } from 'node:zlib';
 import { CorruptImageError } from '../../disk/errors.js';
-import type { Segment } from '../../disk/mapped.js';
+import type { PackableSegment, PackedSource } from '../../disk/packed.js';
 import { type ByteSource, FileSource, readExact } from '../../disk/source.js';
 import { isZero } from '../../disk/zero.js';
 import {
@@ -315,7 +315,7 @@ export class SparseExtent {
   }
 
   /** What the guest bytes at `rel` (relative to this extent) are, for up to `max` bytes. */
-  async lookup(rel: number, max: number): Promise<Segment> {
+  async lookup(rel: number, max: number): Promise<PackableSegment> {
     const gb = this.grainBytes;
     const coverage = gb * this.gtEntries;
     const gtIndex = Math.floor(rel / coverage);
@@ -331,7 +331,13 @@ export class SparseExtent {
     if (g.kind === 'compressed') {
       const length = Math.min(want, gb - skip);
       const grainEnd = Math.min(gb, this.length - (rel - skip));
-      return { kind: 'encoded', length, skip, load: () => this.loadCompressed(g.pos, grainEnd) };
+      return {
+        kind: 'encoded',
+        length,
+        skip,
+        load: () => this.loadCompressed(g.pos, grainEnd),
+        pack: () => this.packCompressed(g.pos, grainEnd),
+      };
     }
     // Extend over following grains of the same kind (and, for data, contiguous in the file).
     let j = first + 1;
@@ -366,36 +372,106 @@ export class SparseExtent {
   private async loadCompressed(pos: number, needed: number): Promise<Buffer> {
     if (this.lastGrain?.pos === pos) return this.lastGrain.data;
     const gb = this.grainBytes;
-    let stream: Buffer;
-    if (this.hasMarkers) {
-      const head = await this.windowed(pos, 12, 'grain marker');
-      const size = head.readUInt32LE(8);
-      if (size === 0 || size > 2 * gb + 1024) {
-        throw new CorruptImageError(`compressed grain at offset ${pos} claims ${size} bytes`, this.source.name);
-      }
-      stream = await this.windowed(pos + 12, size, 'compressed grain');
-    } else {
-      stream = await readExact(this.source, pos, Math.min(2 * gb, this.source.size - pos), 'compressed grain');
-    }
+    const stream = await this.grainStream(pos);
     let data: Buffer;
     try {
       // One output chunk of a whole grain: no concatenation of 16 KiB pieces afterwards.
       data = inflateSync(stream, { maxOutputLength: gb, chunkSize: gb + 1024 });
     } catch (err) {
-      throw new CorruptImageError(
-        `compressed grain at offset ${pos} does not inflate (${(err as Error).message})`,
-        this.source.name,
-      );
+      throw this.grainError(pos, needed, { reason: (err as Error).message });
     }
-    if (data.length < needed) {
-      throw new CorruptImageError(
-        `compressed grain at offset ${pos} inflates to ${data.length} bytes, ${needed} expected`,
-        this.source.name,
-      );
-    }
+    if (data.length < needed) throw this.grainError(pos, needed, { decoded: data.length });
     if (data.length < gb) data = Buffer.concat([data, Buffer.alloc(gb - data.length)]);
     this.lastGrain = { pos, data };
     return data;
+  }
+
+  /** A compressed grain as stored, for the copy pipeline to inflate on a worker thread. */
+  private async packCompressed(pos: number, needed: number): Promise<PackedSource> {
+    return {
+      codec: 'inflate',
+      packed: await this.grainStream(pos),
+      size: this.grainBytes,
+      minSize: needed,
+      corrupt: (problem) => this.grainError(pos, needed, problem),
+    };
+  }
+
+  /**
+   * The compressed grains from `rel` on (up to `max` guest bytes, while each lies after the last
+   * in the file, as in stream-optimized images) as stored, read in one request into memory of
+   * their own. `length` is the guest bytes they cover: 0 when the grain at `rel` is not such a one.
+   */
+  async packGrains(
+    rel: number,
+    max: number,
+  ): Promise<{ length: number; units: (PackedSource & { rel: number; length: number; skip: number })[] }> {
+    const none = { length: 0, units: [] };
+    if (!this.compressed || !this.hasMarkers) return none;
+    const gb = this.grainBytes;
+    const coverage = gb * this.gtEntries;
+    const end = Math.min(rel + max, this.length);
+    const grains: { start: number; pos: number }[] = [];
+    let start = Math.floor(rel / gb) * gb;
+    let table: Buffer | null = null;
+    let tableIndex = -1;
+    while (start < end) {
+      const gtIndex = Math.floor(start / coverage);
+      if (gtIndex !== tableIndex) {
+        const off = this.gtOffsetFrom(await this.gdPage(Math.floor(gtIndex / GD_PAGE)), gtIndex % GD_PAGE);
+        if (off === 0) break;
+        table = await this.gt(gtIndex, off);
+        tableIndex = gtIndex;
+      }
+      const g = this.grain(table!, Math.floor(start / gb) - gtIndex * this.gtEntries);
+      if (g.kind !== 'compressed') break;
+      const last = grains[grains.length - 1];
+      if (last && g.pos <= last.pos) break;
+      grains.push({ start, pos: g.pos });
+      start += gb;
+    }
+    if (grains.length === 0) return none;
+    const first = grains[0]!.pos;
+    const lastPos = grains[grains.length - 1]!.pos;
+    const lastSize = (await readExact(this.source, lastPos, 12, 'grain marker')).readUInt32LE(8);
+    const span = lastPos + 12 + lastSize - first;
+    const units: (PackedSource & { rel: number; length: number; skip: number })[] = [];
+    // Grains scattered over the file (or a corrupt size) are read one by one.
+    const together = lastSize > 0 && lastSize <= 2 * gb + 1024 && span <= grains.length * (2 * gb + 2048);
+    const memory = together ? await readExact(this.source, first, span, 'compressed grains', Buffer.allocUnsafeSlow(span)) : null;
+    for (const { start: s, pos } of grains) {
+      const needed = Math.min(gb, this.length - s);
+      const skip = Math.max(0, rel - s);
+      const length = Math.min(end, s + gb) - s - skip;
+      const corrupt = (problem: { reason: string } | { decoded: number }) => this.grainError(pos, needed, problem);
+      const at = pos - first;
+      const size = memory ? memory.readUInt32LE(at + 8) : 0;
+      if (memory && size > 0 && size <= 2 * gb + 1024 && at + 12 + size <= span) {
+        const packed = memory.subarray(at + 12, at + 12 + size);
+        units.push({ rel: s + skip, length, skip, codec: 'inflate', packed, size: gb, minSize: needed, movable: true, corrupt });
+      } else {
+        units.push({ rel: s + skip, length, skip, ...(await this.packCompressed(pos, needed)) });
+      }
+    }
+    return { length: Math.min(end, start) - rel, units };
+  }
+
+  /** The deflate stream of the compressed grain at `pos` (with markers: exactly its bytes). */
+  private async grainStream(pos: number): Promise<Buffer> {
+    const gb = this.grainBytes;
+    if (!this.hasMarkers) return readExact(this.source, pos, Math.min(2 * gb, this.source.size - pos), 'compressed grain');
+    const head = await this.windowed(pos, 12, 'grain marker');
+    const size = head.readUInt32LE(8);
+    if (size === 0 || size > 2 * gb + 1024) {
+      throw new CorruptImageError(`compressed grain at offset ${pos} claims ${size} bytes`, this.source.name);
+    }
+    return this.windowed(pos + 12, size, 'compressed grain');
+  }
+
+  private grainError(pos: number, needed: number, problem: { reason: string } | { decoded: number }): CorruptImageError {
+    const what =
+      'reason' in problem ? `does not inflate (${problem.reason})` : `inflates to ${problem.decoded} bytes, ${needed} expected`;
+    return new CorruptImageError(`compressed grain at offset ${pos} ${what}`, this.source.name);
   }
 
   private readonly windows: { pos: number; data: Buffer }[] = [];

@@ -1,9 +1,16 @@
 /** Reads every VMDK flavour: descriptor + extents, sparse, flat, stream-optimized, COWD, seSparse, chains. */
 import { CorruptImageError, UnsupportedFeatureError, UsageError, VmferryError } from '../../disk/errors.js';
-import { MappedDiskReader, type Segment } from '../../disk/mapped.js';
+import { MappedDiskReader } from '../../disk/mapped.js';
+import { type PackableSegment, readPackedVia } from '../../disk/packed.js';
 import { resolveReference } from '../../disk/refs.js';
 import { type ByteSource, FileSource, readExact } from '../../disk/source.js';
-import { DEFAULT_MAX_METADATA_MEMORY, type DiskReader, type FormatDetails, type OpenOptions } from '../../disk/types.js';
+import {
+  DEFAULT_MAX_METADATA_MEMORY,
+  type DiskReader,
+  type FormatDetails,
+  type OpenOptions,
+  type PackedUnit,
+} from '../../disk/types.js';
 import { FilePool, LazyFile, MetaCache, SparseExtent } from './extent.js';
 import {
   COWD_MAGIC,
@@ -275,8 +282,37 @@ export class VmdkReader extends MappedDiskReader {
     return out;
   }
 
-  protected async segment(offset: number, maxLength: number): Promise<Segment> {
-    // Binary search for the extent holding `offset`.
+  /** Compressed grains come back undecoded: the copy pipeline inflates them on its worker threads. */
+  async readPacked(offset: number, length: number, into: Buffer): Promise<PackedUnit[]> {
+    const access = {
+      filename: this.filename,
+      virtualSize: this.virtualSize,
+      segment: (o: number, m: number) => this.segment(o, m),
+      readBelow: (o: number, out: Buffer) => this.readBelow(o, out),
+    };
+    // Checks the range (reads nothing).
+    await readPackedVia(access, offset, 0, into);
+    const units: PackedUnit[] = [];
+    let done = 0;
+    while (done < length) {
+      const pos = offset + done;
+      const e = this.extentList[this.extentIndex(pos)]!;
+      const rel = pos - e.start;
+      // Runs of stream-optimized grains in one read; anything else one segment at a time.
+      const run = e.sparse ? await e.sparse.packGrains(rel, Math.min(length - done, e.length - rel)) : { length: 0, units: [] };
+      if (run.length > 0) {
+        for (const { rel: r, ...u } of run.units) units.push({ ...u, offset: e.start + r });
+        done += run.length;
+        continue;
+      }
+      const n = Math.min(length - done, (await this.segment(pos, length - done)).length);
+      units.push(...(await readPackedVia(access, pos, n, into.subarray(done, done + n))));
+      done += n;
+    }
+    return units;
+  }
+
+  private extentIndex(offset: number): number {
     let lo = 0;
     let hi = this.starts.length - 1;
     while (lo < hi) {
@@ -284,7 +320,11 @@ export class VmdkReader extends MappedDiskReader {
       if (this.starts[mid]! <= offset) lo = mid;
       else hi = mid - 1;
     }
-    const e = this.extentList[lo]!;
+    return lo;
+  }
+
+  protected async segment(offset: number, maxLength: number): Promise<PackableSegment> {
+    const e = this.extentList[this.extentIndex(offset)]!;
     const rel = offset - e.start;
     const max = Math.min(maxLength, e.length - rel);
     switch (e.kind) {
