@@ -4,12 +4,12 @@
  * the bytes sent again are a small fraction of a clean transfer's.
  */
 import assert from 'node:assert/strict';
-import { mkdirSync, readdirSync, writeFileSync } from 'node:fs';
+import { mkdirSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import { verifyAuditLog } from '../../src/transfer/security.js';
 import { realisticRawImage } from '../helpers/images.js';
-import { tmpDir } from '../helpers/index.js';
+import { run, tmpDir } from '../helpers/index.js';
 import { exited, identical, prng, sendChild, serveChild, TOKEN } from './support.js';
 
 const env = { VMFERRY_TOKEN: TOKEN };
@@ -23,6 +23,11 @@ function setup(): { root: string; tokenFile: string } {
   const tokenFile = join(dir, 'token');
   writeFileSync(tokenFile, `${TOKEN}\n`);
   return { root, tokenFile };
+}
+
+/** qemu-img check's exit code (0 = clean); qemu-img has no check for raw and vpc. */
+function qemuCheck(path: string, format: string): number {
+  return run('qemu-img', ['check', '-f', format, path]).code;
 }
 
 /** The bytes a clean, uninterrupted send puts on the wire (same image, same parameters). */
@@ -66,6 +71,17 @@ test('kill -9 of the sender at random points: the same send resumes, identical, 
   }
 });
 
+/** Target formats of the agent-kill test, with the -o options they are sent with. */
+const AGENT_KILL_CASES: [number, string, string[]][] = [
+  [21, 'raw', []],
+  [22, 'qcow2', []],
+  [23, 'vdi', []],
+  [24, 'vpc', []],
+  [25, 'vhdx', []],
+  [26, 'vmdk', ['-o', 'subformat=streamOptimized']],
+  [27, 'vmdk', []],
+];
+
 test('kill -9 of the agent at random points: a restarted agent resumes from its checkpoint, identical', async (t) => {
   const src = realisticRawImage();
   const { root, tokenFile } = setup();
@@ -73,44 +89,71 @@ test('kill -9 of the agent at random points: a restarted agent resumes from its 
   try {
     const W = await cleanWire(agent.url, src);
     const rate = String(Math.floor(W / 2));
-    for (const [seed, fmt] of [
-      [21, 'raw'],
-      [22, 'qcow2'],
-      [23, 'raw'],
-      [24, 'vdi'],
-    ] as const) {
+    for (const [seed, fmt, opts] of AGENT_KILL_CASES) {
       const rnd = prng(seed);
       const name = `agent-kill-${seed}.${fmt}`;
-      const killAt = 600 + Math.floor(rnd() * 1400);
+      // Late enough that several 2 MiB checkpoints were taken, early enough to beat the end.
+      const killAt = 900 + Math.floor(rnd() * 900);
       const victim = agent;
       const timer = setTimeout(() => victim.child.kill('SIGKILL'), killAt);
-      const first = await sendChild([...COMMON, '-O', fmt, '--rate', rate, src, `${agent.url}/${name}`], env);
+      const first = await sendChild([...COMMON, '-O', fmt, ...opts, '--rate', rate, src, `${agent.url}/${name}`], env);
       clearTimeout(timer);
       await exited(victim.child);
       assert.notEqual(first.code, 0, `the first send finished before the agent was killed at ${killAt} ms`);
       const m = /\((\d+) bytes were sent in this run/.exec(first.stderr);
       const sentBefore = m ? Number(m[1]) : 0;
       agent = await serveChild(root, tokenFile, ['--checkpoint-every', '2M']);
-      const second = await sendChild([...COMMON, '-O', fmt, src, `${agent.url}/${name}`], env);
+      const second = await sendChild([...COMMON, '-O', fmt, ...opts, src, `${agent.url}/${name}`], env);
       assert.equal(second.code, 0, second.stderr);
       const r = JSON.parse(second.stdout) as { resumedAt: number; wireBytes: number; note?: string };
       assert.ok(identical(src, join(root, name), fmt), `${name} identical`);
+      if (fmt !== 'raw' && fmt !== 'vpc') assert.equal(qemuCheck(join(root, name), fmt), 0, `${name}: qemu-img check clean`);
       const resent = sentBefore + r.wireBytes - W;
       t.diagnostic(
         `${name}: agent killed at ${killAt} ms after ${sentBefore} bytes, resumed at ${r.resumedAt}, re-sent ${resent} of ${W} (${((100 * resent) / W).toFixed(1)}%)${r.note ? `; ${r.note}` : ''}`,
       );
-      if (fmt === 'vdi') {
-        // No resume support in the VDI writer: the disk restarts from zero, and says so.
-        assert.equal(r.resumedAt, 0);
-        if (sentBefore > 0) assert.match(r.note ?? '', /cannot resume/);
-      } else {
-        if (sentBefore > 12 * 1024 * 1024) assert.ok(r.resumedAt > 0, 'resumed past the start');
-        assert.ok(resent <= 0.3 * W, `re-sent ${resent} of ${W}`);
-      }
+      assert.ok(sentBefore > 8 * 1024 * 1024, `the agent was killed after only ${sentBefore} bytes`);
+      assert.ok(r.resumedAt > 0, `${name} resumed past the start`);
+      assert.equal(r.note, undefined);
+      assert.ok(resent <= 0.3 * W, `re-sent ${resent} of ${W}`);
     }
     // Whatever was killed, nothing partial is left in ROOT, and the audit chain holds across restarts.
     assert.deepEqual(readdirSync(join(root, '.vmferry-partial')), []);
     assert.ok(verifyAuditLog(join(root, '.vmferry-audit.log')).ok);
+  } finally {
+    agent.child.kill('SIGTERM');
+    await exited(agent.child);
+  }
+});
+
+test('a checkpoint state that does not match its file: the restarted agent says so and restarts from zero', async () => {
+  const src = realisticRawImage();
+  const { root, tokenFile } = setup();
+  let agent = await serveChild(root, tokenFile, ['--checkpoint-every', '2M']);
+  try {
+    const W = await cleanWire(agent.url, src);
+    const name = 'tampered.vhdx';
+    const victim = agent;
+    const timer = setTimeout(() => victim.child.kill('SIGKILL'), 1200);
+    const first = await sendChild(
+      [...COMMON, '-O', 'vhdx', '--rate', String(Math.floor(W / 2)), src, `${agent.url}/${name}`],
+      env,
+    );
+    clearTimeout(timer);
+    await exited(victim.child);
+    assert.notEqual(first.code, 0, 'the first send finished before the agent was killed');
+    // The saved writer state now claims a longer file than the one on disk.
+    const statePath = join(root, '.vmferry-partial', name, 'state.json');
+    const saved = JSON.parse(readFileSync(statePath, 'utf8')) as { writerState: Record<string, unknown> };
+    saved.writerState.length = (saved.writerState.length as number) + 4096;
+    writeFileSync(statePath, JSON.stringify(saved));
+    agent = await serveChild(root, tokenFile, ['--checkpoint-every', '2M']);
+    const second = await sendChild([...COMMON, '-O', 'vhdx', src, `${agent.url}/${name}`], env);
+    assert.equal(second.code, 0, second.stderr);
+    const r = JSON.parse(second.stdout) as { resumedAt: number; note?: string };
+    assert.equal(r.resumedAt, 0);
+    assert.match(r.note ?? '', /could not be resumed .*altered or damaged.*restarted from zero/);
+    assert.ok(identical(src, join(root, name), 'vhdx'), `${name} identical`);
   } finally {
     agent.child.kill('SIGTERM');
     await exited(agent.child);
