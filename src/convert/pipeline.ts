@@ -1,5 +1,6 @@
 import { availableParallelism } from 'node:os';
 import { flatExtents } from '../disk/chain.js';
+import { readWindow } from '../disk/source.js';
 import type { CompressedUnit, DiskReader, DiskWriter, Extent } from '../disk/types.js';
 import { isZero } from '../disk/zero.js';
 import { CompressPool } from './compress-pool.js';
@@ -88,7 +89,10 @@ export async function copyDisk(reader: DiskReader, writer: DiskWriter, options: 
   // Read buffers are reused (writers give them back when write() resolves): fresh memory for
   // every chunk costs page faults, and the collector lets hundreds of megabytes of it pile up.
   const free: Buffer[] = [];
-  const takeBuffer = (): Buffer => free.pop() ?? Buffer.allocUnsafeSlow(chunk);
+  // A plain copy reads into mapped windows (the source's pages are mapped, not copied); memory
+  // that travels to a worker thread must be ordinary.
+  const mapped = !compressing && !reader.readPacked;
+  const takeBuffer = (): Buffer => free.pop() ?? (mapped ? readWindow(chunk) : Buffer.allocUnsafeSlow(chunk));
   const workers = options.pool?.size ?? availableParallelism();
   const depth = options.readAhead ?? (compressing || reader.readPacked ? workers * 2 + 2 : 4);
   const stats: CopyStats = { virtualSize: reader.virtualSize, dataBytes: 0, zeroBytes: 0 };
