@@ -355,14 +355,18 @@ export async function startAgent(o: AgentOptions): Promise<Agent> {
           log(`${name}: resuming from its checkpoint at ${t.applied}`);
           return response(t);
         }
-        note = driver.resume
+        note = !sameTransfer({ ...body, ...pick(saved) }, body)
           ? 'the saved checkpoint belongs to a different transfer; restarted from zero'
-          : `format ${driver.name} cannot resume a half-written image; restarted this disk from zero`;
+          : `format ${driver.name} cannot resume this half-written image; restarted this disk from zero`;
       } catch (err) {
         note = `the saved checkpoint could not be resumed (${err instanceof Error ? err.message : String(err)}); restarted from zero`;
       }
-    } else if (existsSync(dir) && !driver.resume) {
-      note = `format ${driver.name} cannot resume a half-written image; restarted this disk from zero`;
+    } else if (existsSync(dir)) {
+      // A half-written disk without a saved state: its writer keeps none (e.g. multi-file VMDK),
+      // or the agent stopped before the first checkpoint.
+      note = driver.resume
+        ? 'no checkpoint was saved for this half-written disk; restarted it from zero'
+        : `format ${driver.name} cannot resume a half-written image; restarted this disk from zero`;
     }
     return startNew(req, name, body, driver, note);
   };

@@ -159,3 +159,30 @@ test('a checkpoint state that does not match its file: the restarted agent says 
     await exited(agent.child);
   }
 });
+
+test('a half-written disk whose writer keeps no checkpoint (monolithicFlat VMDK): the restarted agent says it restarts from zero', async () => {
+  const src = realisticRawImage();
+  const { root, tokenFile } = setup();
+  let agent = await serveChild(root, tokenFile, ['--checkpoint-every', '2M']);
+  try {
+    const W = await cleanWire(agent.url, src);
+    const name = 'flat.vmdk';
+    const args = ['-O', 'vmdk', '-o', 'subformat=monolithicFlat'];
+    const victim = agent;
+    const timer = setTimeout(() => victim.child.kill('SIGKILL'), 1200);
+    const first = await sendChild([...COMMON, ...args, '--rate', String(Math.floor(W / 2)), src, `${agent.url}/${name}`], env);
+    clearTimeout(timer);
+    await exited(victim.child);
+    assert.notEqual(first.code, 0, 'the first send finished before the agent was killed');
+    agent = await serveChild(root, tokenFile, ['--checkpoint-every', '2M']);
+    const second = await sendChild([...COMMON, ...args, src, `${agent.url}/${name}`], env);
+    assert.equal(second.code, 0, second.stderr);
+    const r = JSON.parse(second.stdout) as { resumedAt: number; note?: string };
+    assert.equal(r.resumedAt, 0);
+    assert.match(r.note ?? '', /cannot resume this half-written image|no checkpoint was saved/);
+    assert.ok(identical(src, join(root, name), 'vmdk'), `${name} identical`);
+  } finally {
+    agent.child.kill('SIGTERM');
+    await exited(agent.child);
+  }
+});
