@@ -33,6 +33,9 @@ import { isLoopback, normaliseFingerprint, TransferRefusedError } from './securi
 /** The network or the agent failed; what was committed stays, and the same send resumes. */
 export class TransferError extends VmferryError {}
 
+/** The agent's --max-file-size refused the transfer (HTTP 413): running it again would be refused again. */
+export class TransferTooLargeError extends TransferRefusedError {}
+
 export interface SendOptions {
   /** https://HOST:PORT/NAME (or http:// to an --insecure loopback agent). */
   url: string;
@@ -442,7 +445,8 @@ export async function sendImage(source: string, options: SendOptions): Promise<S
       ...(typeof f.fileSha256 === 'string' ? { fileSha256: f.fileSha256 } : {}),
     };
   } catch (err) {
-    if (err instanceof VmferryError && stats.wire > 0) {
+    // Over the agent's --max-file-size, the same send would be refused again: no resume hint then.
+    if (err instanceof VmferryError && !(err instanceof TransferTooLargeError) && stats.wire > 0) {
       err.message += ` (${stats.wire} bytes were sent in this run; run the same send again to resume)`;
     }
     throw err;
@@ -522,6 +526,7 @@ async function call(
 
 function replyError(r: Reply, url: string): VmferryError {
   const text = typeof r.body.error === 'string' ? r.body.error : `HTTP ${r.status}`;
+  if (r.status === 413) return new TransferTooLargeError(`agent refused: ${text}`, url);
   if (r.status === 401 || r.status === 403 || r.status === 400 || r.status === 409)
     return new TransferRefusedError(`agent refused: ${text}`, url);
   return new TransferError(`agent: ${text}`, url);
