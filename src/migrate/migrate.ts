@@ -20,12 +20,14 @@ import { type MappingOverrides, mapModel } from '../vm/mapping.js';
 import { type Firmware, safeVmName, type TranslationNote, type VmModel } from '../vm/model.js';
 import type { PartitionTable } from '../vm/partitions.js';
 import { detectVmReader, targetWriter } from '../vm/registry.js';
+import { azureOptionsProblem, checkAzureSent, writeAzureDescriptors } from '../vm/targets/azure.js';
 import * as hypervTargetModule from '../vm/targets/hyperv.js';
 import { contentDigest } from './hash.js';
 import { firmwareWarnings, lookAtDisk, readVm } from './inspect.js';
 import {
   isRemoteOut,
   openRemoteStaging,
+  PaddedReader,
   parseRemoteOut,
   type RemoteOptions,
   remoteFileUrl,
@@ -196,7 +198,7 @@ export async function migrateVm(req: MigrateRequest): Promise<MigrateReport> {
     }
   };
   const writer = targetWriter(req.target);
-  const remote = isRemoteOut(req.outDir) ? parseRemoteOut(req.outDir, writer.profile.target) : undefined;
+  const remote = isRemoteOut(req.outDir) ? parseRemoteOut(req.outDir) : undefined;
   if (remote && !req.remote?.token)
     throw new UsageError('--out is a URL: give the agent token with --token-file or VMFERRY_TOKEN');
   const readOptions: ReadVmOptions = {
@@ -243,6 +245,12 @@ export async function migrateVm(req: MigrateRequest): Promise<MigrateReport> {
   }
   const createOptions = { ...(format === profile.diskFormat ? profile.diskOptions : {}), ...(req.diskOptions ?? {}) };
   const extension = format === profile.diskFormat ? profile.diskExtension : (EXTENSIONS[format] ?? format);
+  if (remote && profile.target === 'azure') {
+    // Locally a wrong -o is caught by reading the written VHD; remotely it is refused before
+    // anything is sent, since a disk that lands on the agent cannot be taken back.
+    const problem = azureOptionsProblem(createOptions);
+    if (problem) throw new UsageError(`-o ${problem}`);
+  }
   const plan = looks.map((l) => {
     const virtualSize = l.virtualSize!;
     const capacity = profile.target === 'azure' ? azureSize(virtualSize) : virtualSize;
@@ -286,15 +294,23 @@ export async function migrateVm(req: MigrateRequest): Promise<MigrateReport> {
         for (const p of plan) {
           const i = p.look.index;
           const disk = model.disks[i]!;
-          if (p.capacity !== p.look.virtualSize)
-            throw new UsageError(`disk${i}: target ${profile.target} changes the disk size, which a remote --out does not do`);
           const t0 = process.hrtime.bigint();
           const result = await sendDisk(
             remote,
             req.remote!,
             {
               label: disk.stored ? `${disk.path}#${disk.stored.member}` : disk.path,
-              open: () => openVmDisk(disk, { allowExternalFiles: req.allowExternalFiles }),
+              open: async () => {
+                const r = await openVmDisk(disk, { allowExternalFiles: req.allowExternalFiles });
+                if (r.virtualSize === p.capacity) return r;
+                // The target rounds the disk up (Azure): the agent gets the source padded with zeros.
+                try {
+                  return new PaddedReader(r, p.capacity);
+                } catch (err) {
+                  await r.close();
+                  throw err;
+                }
+              },
             },
             p.fileName,
             format,
@@ -303,6 +319,8 @@ export async function migrateVm(req: MigrateRequest): Promise<MigrateReport> {
             (done, total) => req.onProgress?.({ stage: 'send', disk: i, disks: plan.length, done, total }),
           );
           convertSeconds[i] = Number(process.hrtime.bigint() - t0) / 1e9;
+          // No local file to read back: Azure's fixed-VHD check runs on what the agent reported.
+          if (profile.target === 'azure') checkAzureSent(p.fileName, p.capacity, result);
           sent.set(i, result);
           targetDisks.push({ index: i, fileName: p.fileName, format, capacity: p.capacity });
         }
@@ -343,7 +361,9 @@ export async function migrateVm(req: MigrateRequest): Promise<MigrateReport> {
         const files =
           profile.target === 'ova'
             ? writeRemoteOvf(model, name, targetDisks, sent, staging.dir)
-            : await writer.write(model, targetDisks, staging.dir);
+            : profile.target === 'azure'
+              ? await writeAzureDescriptors(model, targetDisks, staging.dir)
+              : await writer.write(model, targetDisks, staging.dir);
         const agentDir = [...sent.values()].find((r) => r.agentDir)?.agentDir;
         if (agentDir) for (const f of files) relocate(join(staging.dir, f), staging.dir, agentDir);
         else if (sent.size > 0) warnings.push('the agent did not say where the disks landed; descriptors may name them wrongly');

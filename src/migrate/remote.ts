@@ -12,6 +12,11 @@
  * package in the OVF standard's unpacked form: NAME.ovf, NAME.mf (SHA-256 of the OVF and of each
  * disk file, as the agent hashed them) and the streamOptimized disks beside them.
  *
+ * --to azure: the disks must be fixed VHDs of a whole number of MiB. The source is sent padded with
+ * zeros up to the rounded size (PaddedReader), and since no local file exists to read the footer
+ * of, the agent's report stands in for it: the content digest over the whole rounded disk, and the
+ * file size, which for a VHD is exactly that size + the 512-byte footer only when it is fixed.
+ *
  * A rerun replaces what an earlier run of the same migration put under PREFIX (same file names);
  * a disk transfer interrupted half way resumes from the agent's checkpoint.
  */
@@ -19,8 +24,8 @@ import { createHash } from 'node:crypto';
 import { mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { UsageError } from '../disk/errors.js';
-import type { DiskReader } from '../disk/types.js';
+import { UsageError, VmferryError } from '../disk/errors.js';
+import type { DiskReader, Extent, FormatDetails } from '../disk/types.js';
 import { formatManifest } from '../package/manifest.js';
 import { putFile, type SendResult, sendImage } from '../transfer/client.js';
 import type { WireCodec } from '../transfer/protocol.js';
@@ -49,17 +54,12 @@ export interface RemoteTarget {
   prefix: string;
 }
 
-/** Targets whose descriptor writer reads the disk files, so it cannot run without them locally. */
-const LOCAL_ONLY: Record<string, string> = {
-  azure: 'its descriptor writer checks the fixed VHD files themselves',
-};
-
 export function isRemoteOut(out: string): boolean {
   return /^https?:\/\//i.test(out);
 }
 
 /** Parses --out https://HOST:PORT/PREFIX (one path component: the agent's per-VM folder). */
-export function parseRemoteOut(out: string, target: string): RemoteTarget {
+export function parseRemoteOut(out: string): RemoteTarget {
   let u: URL;
   try {
     u = new URL(out);
@@ -82,9 +82,80 @@ export function parseRemoteOut(out: string, target: string): RemoteTarget {
   }
   const problem = nameProblem(prefix);
   if (problem) throw new UsageError(`--out '${out}': folder name refused: ${problem}`);
-  const why = LOCAL_ONLY[target];
-  if (why) throw new UsageError(`--to ${target} writes into a local folder only (${why}); migrate locally, then send the disks`);
   return { url: out, origin: u.origin, prefix };
+}
+
+/**
+ * The source seen as a disk of `size` bytes: its own content, then zeros. A target that rounds
+ * the disk up (Azure: a whole number of MiB) is sent through this, so the agent creates the larger
+ * disk, the padding travels as a described zero range, and both content digests cover it (the
+ * agent's equal to the sender's then also proves the added bytes read as zeros).
+ */
+export class PaddedReader implements DiskReader {
+  readonly format: string;
+  readonly filename: string;
+  readonly details: FormatDetails;
+  /** Unallocated ranges of the source still fall through its own chain. */
+  readonly backing?: DiskReader;
+
+  constructor(
+    private readonly inner: DiskReader,
+    readonly virtualSize: number,
+  ) {
+    if (!Number.isSafeInteger(virtualSize) || virtualSize < inner.virtualSize)
+      throw new UsageError(`cannot present ${inner.virtualSize} bytes as a disk of ${virtualSize}`, inner.filename);
+    this.format = inner.format;
+    this.filename = inner.filename;
+    this.details = inner.details;
+    this.backing = inner.backing;
+  }
+
+  async *extents(from = 0, to = this.virtualSize): AsyncGenerator<Extent> {
+    const own = this.inner.virtualSize;
+    const end = Math.min(to, this.virtualSize);
+    let last: Extent | undefined;
+    if (from < Math.min(end, own)) {
+      for await (const e of this.inner.extents(from, Math.min(end, own))) {
+        if (last) yield last;
+        last = { ...e };
+      }
+    }
+    const pad = Math.max(from, own);
+    if (pad < end) {
+      // Extents stay merged: a zero run at the source's end and the padding are one extent.
+      if (last && last.kind === 'zero' && last.offset + last.length === pad) last.length += end - pad;
+      else {
+        if (last) yield last;
+        last = { offset: pad, length: end - pad, kind: 'zero' };
+      }
+    }
+    if (last) yield last;
+  }
+
+  async read(offset: number, length: number, into?: Buffer): Promise<Buffer> {
+    if (offset < 0 || length < 0 || offset + length > this.virtualSize) {
+      throw new VmferryError(
+        `read of ${length} bytes at ${offset} is outside the virtual size ${this.virtualSize}`,
+        this.filename,
+      );
+    }
+    const own = this.inner.virtualSize;
+    if (offset + length <= own) return this.inner.read(offset, length, into);
+    const out = into ? into.subarray(0, length) : Buffer.allocUnsafe(length);
+    const inside = Math.max(0, own - offset);
+    if (inside > 0) {
+      const head = out.subarray(0, inside);
+      const got = await this.inner.read(offset, inside, head);
+      // A reader may hand back its own buffer instead of filling the one given.
+      if (got.buffer !== head.buffer || got.byteOffset !== head.byteOffset) got.copy(head);
+    }
+    out.fill(0, inside);
+    return out;
+  }
+
+  close(): Promise<void> {
+    return this.inner.close();
+  }
 }
 
 /** The URL of one file under PREFIX on the agent. */

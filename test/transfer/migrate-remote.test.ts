@@ -17,6 +17,7 @@ import {
   readFileSync,
   realpathSync,
   statSync,
+  truncateSync,
   writeFileSync,
   writeSync,
 } from 'node:fs';
@@ -27,7 +28,7 @@ import { after, before, describe, test } from 'node:test';
 import '../../src/formats/index.js';
 import { type Agent, startAgent } from '../../src/transfer/agent.js';
 import { certFingerprint, ensureCertificate, verifyAuditLog } from '../../src/transfer/security.js';
-import { patternBuffer, qemuImg, run, runOk, tmpDir, vmferryBin } from '../helpers/index.js';
+import { patternBuffer, qemuImg, run, runOk, sha256ViaLibyal, tmpDir, vmferryBin } from '../helpers/index.js';
 import { TOKEN } from './support.js';
 
 const MiB = 1024 * 1024;
@@ -77,6 +78,39 @@ function vmwareVm(): { vmx: string; raws: string[] } {
 }
 
 const vm = vmwareVm();
+
+/**
+ * A VMware VM for Azure: disk0 is no whole number of MiB (10 MiB + 3 sectors, its GPT backup
+ * header in the last sectors, so the source's own last bytes are not zero), disk1 is exactly 8 MiB.
+ */
+function azureVm(): { vmx: string; raws: string[]; sizes: number[] } {
+  const folder = join(dir, 'src-app');
+  mkdirSync(folder);
+  const sizes = [10 * MiB + 1536, 8 * MiB];
+  const raws = sizes.map((size, i) => gptDisk(join(dir, `app${i}.raw`), size, 20 + i));
+  raws.forEach((raw, i) => {
+    qemuImg('convert', '-f', 'raw', '-O', 'vmdk', raw, join(folder, `app-${i}.vmdk`));
+  });
+  const lines = [
+    'config.version = "8"',
+    'virtualHW.version = "19"',
+    'displayName = "app"',
+    'guestOS = "ubuntu-64"',
+    'memsize = "2048"',
+    'numvcpus = "2"',
+    'firmware = "efi"',
+    'scsi0.present = "TRUE"',
+    'scsi0.virtualDev = "pvscsi"',
+    'scsi0:0.present = "TRUE"',
+    'scsi0:0.fileName = "app-0.vmdk"',
+    'scsi0:1.present = "TRUE"',
+    'scsi0:1.fileName = "app-1.vmdk"',
+    'ethernet0.present = "TRUE"',
+    'ethernet0.virtualDev = "vmxnet3"',
+  ];
+  writeFileSync(join(folder, 'app.vmx'), `${lines.join('\n')}\n`);
+  return { vmx: join(folder, 'app.vmx'), raws, sizes };
+}
 
 interface Run {
   code: number | null;
@@ -255,6 +289,114 @@ describe('migrate --out http://127.0.0.1 (insecure loopback agent)', () => {
     const m = await migrateCli([join(folder, 'web.ovf'), '--to', 'qemu', '--out', back]);
     assert.equal(m.code, 0, m.stderr);
     assert.equal(compare(vm.raws[1]!, join(back, 'web-disk1.qcow2'), 'qcow2'), 0);
+  });
+
+  test('--to azure: fixed VHDs rounded up to whole MiB on the agent, padded with zeros; descriptors as a local run writes them', async () => {
+    const az = azureVm();
+    const r = await migrateCli([az.vmx, '--to', 'azure', '--out', `${agent.url}/az1`, '--output=json'], { VMFERRY_TOKEN: TOKEN });
+    assert.equal(r.code, 0, r.stderr);
+    const folder = join(root, 'az1');
+    const files = ['app-azure.json', 'app-azure.sh', 'app-disk0.vhd', 'app-disk1.vhd', 'report.json', 'report.txt'];
+    assert.deepEqual(readdirSync(folder).sort(), files);
+    const capacities = [11 * MiB, 8 * MiB];
+    for (const i of [0, 1]) {
+      const disk = join(folder, `app-disk${i}.vhd`);
+      const cap = capacities[i]!;
+      // qemu-img probes a fixed VHD as raw (its footer is at the end): the format is named.
+      const info = JSON.parse(qemuImg('info', '-f', 'vpc', '--output=json', disk)) as { 'virtual-size': number };
+      assert.equal(info['virtual-size'], cap, `disk${i}: virtual size`);
+      assert.equal(statSync(disk).size, cap + 512, `disk${i}: a fixed VHD is its size + the footer`);
+      // libvhdi reads the footer's disk type.
+      assert.match(runOk('vhdiinfo', [disk]), /Disk type\s*:\s*Fixed/, `disk${i}: libvhdi's disk type`);
+      // The content is the source's, then zeros up to the rounded size: against a padded copy of the
+      // raw source (truncate), by qemu-img and by libvhdi.
+      const padded = join(dir, `app${i}-padded.raw`);
+      writeFileSync(padded, readFileSync(az.raws[i]!));
+      truncateSync(padded, cap);
+      assert.equal(statSync(padded).size - az.sizes[i]!, i === 0 ? MiB - 1536 : 0);
+      assert.equal(compare(padded, disk, 'vpc'), 0, `disk${i} differs from its padded source`);
+      assert.equal(sha256ViaLibyal('pyvhdi', disk), sha256File(padded), `disk${i}: libvhdi's content hash`);
+    }
+    // The source's last bytes (the GPT backup header) are not zero, so the padding starts past real data.
+    assert.ok(
+      !readFileSync(az.raws[0]!)
+        .subarray(-512)
+        .every((b) => b === 0),
+    );
+    const report = JSON.parse(r.stdout) as Omit<Report, 'disks'> & {
+      disks: (Report['disks'][number] & { capacity: number; virtualSize: number })[];
+      mappings: { from: string; to: string }[];
+    };
+    assert.deepEqual(
+      report.disks.map((d) => [d.virtualSize, d.capacity]),
+      [
+        [az.sizes[0], capacities[0]],
+        [az.sizes[1], capacities[1]],
+      ],
+    );
+    assert.ok(report.mappings.some((m) => m.from === `disk0 size ${az.sizes[0]} bytes` && m.to === `${capacities[0]} bytes`));
+    for (const [i, d] of report.disks.entries()) {
+      assert.equal(d.digestAlgorithm, 'vmferry-transfer');
+      assert.equal(d.targetSha256, d.sourceSha256);
+      assert.equal(d.targetFileBytes, statSync(join(folder, `app-disk${i}.vhd`)).size);
+    }
+    // Disks complete first, then the descriptors, report.json last.
+    assert.deepEqual(
+      auditEntries(agent)
+        .filter((e) => (e.event === 'complete' || e.event === 'file') && String(e.name).startsWith('az1/'))
+        .map((e) => `${e.event} ${e.name}`),
+      [
+        'complete az1/app-disk0.vhd',
+        'complete az1/app-disk1.vhd',
+        'file az1/app-azure.json',
+        'file az1/app-azure.sh',
+        'file az1/report.txt',
+        'file az1/report.json',
+      ],
+    );
+    // A local run of the same migration writes the same descriptors, and disks of the same content.
+    const local = join(dir, 'az-local');
+    const l = await migrateCli([az.vmx, '--to', 'azure', '--out', local]);
+    assert.equal(l.code, 0, l.stderr);
+    for (const f of ['app-azure.json', 'app-azure.sh'])
+      assert.equal(
+        readFileSync(join(folder, f), 'utf8'),
+        readFileSync(join(local, f), 'utf8'),
+        `${f} differs from a local run's`,
+      );
+    for (const i of [0, 1]) {
+      const c = run('qemu-img', [
+        'compare',
+        '-s',
+        '-f',
+        'vpc',
+        '-F',
+        'vpc',
+        join(local, `app-disk${i}.vhd`),
+        join(folder, `app-disk${i}.vhd`),
+      ]);
+      assert.equal(c.code, 0, c.stdout + c.stderr);
+    }
+    const desc = JSON.parse(readFileSync(join(folder, 'app-azure.json'), 'utf8')) as {
+      disks: { file: string; sizeBytes: number }[];
+    };
+    assert.deepEqual(
+      desc.disks.map((d) => [d.file, d.sizeBytes]),
+      [
+        ['app-disk0.vhd', capacities[0]],
+        ['app-disk1.vhd', capacities[1]],
+      ],
+    );
+
+    // -o that cannot make an Azure disk is refused before anything reaches the agent.
+    const dynamic = await migrateCli([az.vmx, '--to', 'azure', '--out', `${agent.url}/az2`, '-o', 'subformat=dynamic'], {
+      VMFERRY_TOKEN: TOKEN,
+    });
+    assert.notEqual(dynamic.code, 0);
+    assert.equal(dynamic.stderr.trim().split('\n').length, 1, dynamic.stderr);
+    assert.match(dynamic.stderr, /subformat=dynamic: Azure takes only fixed VHDs/);
+    assert.ok(!existsSync(join(root, 'az2')));
+    assert.ok(!auditEntries(agent).some((e) => String(e.name ?? e.path ?? '').includes('az2')));
   });
 
   test('a wrong token is refused before anything is written, and audited', async () => {

@@ -8,6 +8,7 @@
 import { closeSync, fstatSync, openSync, readSync } from 'node:fs';
 import { join } from 'node:path';
 import { CorruptImageError, UnsupportedFeatureError } from '../../disk/errors.js';
+import { parseBoolOption } from '../../disk/options.js';
 import { azureSize } from '../../formats/vpc/index.js';
 import type { TargetDisk, TargetProfile, TargetWriter } from '../dialect.js';
 import { MiB, safeVmName, type VmModel } from '../model.js';
@@ -72,6 +73,48 @@ export function checkAzureVhd(path: string): number {
   } finally {
     closeSync(fd);
   }
+}
+
+/**
+ * The remote counterpart of checkAzureVhd, from what the agent reported of the file it wrote (a
+ * remote --out holds no local file to read the footer of). The agent was asked for
+ * subformat=fixed, force_size=on and read the file back as a VHD with the sender's content digest;
+ * a fixed VHD is exactly its size + the 512-byte footer, while a dynamic one carries a header and
+ * block table and one without force_size grows to its CHS geometry, so the file size is the check.
+ */
+export function checkAzureSent(file: string, capacity: number, sent: { virtualSize: number; fileSize?: number }): void {
+  if (capacity % MiB !== 0 || sent.virtualSize !== capacity) {
+    throw new UnsupportedFeatureError(
+      `was sent with a virtual size of ${sent.virtualSize} bytes, not the ${capacity} (a whole number of MiB) Azure requires`,
+      file,
+    );
+  }
+  if (sent.fileSize === undefined) throw new CorruptImageError('the agent did not report the size of the file it wrote', file);
+  if (sent.fileSize !== capacity + 512) {
+    throw new UnsupportedFeatureError(
+      `is ${sent.fileSize} bytes on the agent, not the ${capacity + 512} of a fixed VHD of exactly ${capacity} bytes, which Azure requires`,
+      file,
+    );
+  }
+}
+
+/** Why these vpc create options cannot make an Azure disk (undefined when they can). */
+export function azureOptionsProblem(options: Record<string, string>): string | undefined {
+  if ((options.subformat ?? 'dynamic') !== 'fixed')
+    return `subformat=${options.subformat ?? 'dynamic'}: Azure takes only fixed VHDs`;
+  if (!parseBoolOption(options.force_size, 'force_size', false))
+    return 'force_size off: the VHD would grow to its CHS geometry, not a whole number of MiB';
+  return undefined;
+}
+
+/** NAME-azure.json and NAME-azure.sh, once the disks are known to be what Azure takes. */
+export async function writeAzureDescriptors(model: VmModel, disks: TargetDisk[], outDir: string): Promise<string[]> {
+  const name = safeVmName(model.name);
+  const desc = azureDescription(model, disks, outDir);
+  return writeOutputs(outDir, [
+    { name: `${name}-azure.json`, content: `${JSON.stringify(desc, null, 2)}\n` },
+    { name: `${name}-azure.sh`, content: azureScript(desc), executable: true },
+  ]);
 }
 
 export function azureDescription(model: VmModel, disks: TargetDisk[], outDir: string): Record<string, unknown> {
@@ -142,12 +185,7 @@ export function azureScript(desc: ReturnType<typeof azureDescription>): string {
 export const azureTarget: TargetWriter = {
   profile: azureProfile,
   write: async (model, disks, outDir) => {
-    const name = safeVmName(model.name);
     for (const d of disks) checkAzureVhd(join(outDir, d.fileName));
-    const desc = azureDescription(model, disks, outDir);
-    return writeOutputs(outDir, [
-      { name: `${name}-azure.json`, content: `${JSON.stringify(desc, null, 2)}\n` },
-      { name: `${name}-azure.sh`, content: azureScript(desc), executable: true },
-    ]);
+    return writeAzureDescriptors(model, disks, outDir);
   },
 };
