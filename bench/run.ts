@@ -132,6 +132,14 @@ for (const workload of values.workloads!.split(',')) {
   const raw = build(cache);
   for (const c of cases) {
     if (only && !only.test(`${workload} ${c.name}`)) continue;
+    // qemu's vhdx driver reports no allocation status, so qemu-img reads every byte of a vhdx:
+    // all 1 TiB of the huge one, for each conversion from it and for each compare against it.
+    const qemuReadsAllOfVhdx = workload === 'huge';
+    if (qemuReadsAllOfVhdx && c.from === 'vhdx') {
+      process.stdout.write(`${workload.padEnd(6)} ${c.name.padEnd(32)} not run: qemu-img would read all 1 TiB of the vhdx\n`);
+      continue;
+    }
+    const verify = !values['no-verify'] && !(qemuReadsAllOfVhdx && c.ext === 'vhdx');
     const src = sourceFor(workload, raw, c.from);
     const qOut = join(scratch, `qemu.${c.ext}`);
     const vOut = join(scratch, `vmferry.${c.ext}`);
@@ -176,7 +184,7 @@ for (const workload of values.workloads!.split(',')) {
       continue;
     }
     let identical: boolean | null = null;
-    if (!values['no-verify']) identical = spawnSync('qemu-img', ['compare', '-q', src, vOut]).status === 0;
+    if (verify) identical = spawnSync('qemu-img', ['compare', '-q', src, vOut]).status === 0;
     const row: Row = {
       workload,
       case: c.name,

@@ -16,7 +16,7 @@ interface CommandModule {
 /** Loads the formats (they register on import) and then the command's module. */
 async function load(mod: Promise<Record<string, unknown>>, run: string): Promise<CommandModule> {
   await import('../formats/index.js');
-  await import('../transfer/nbd/index.js');
+  await import('../transfer/nbd/register.js');
   const m = await mod;
   return { run: m[run] as Command, usage: m.usage as string };
 }

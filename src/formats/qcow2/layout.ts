@@ -452,3 +452,16 @@ export function zstdFrameLength(buf: Buffer): number {
   if (pos > buf.length) throw new Error('truncated zstd frame');
   return pos;
 }
+
+/** Options create() accepts (-o), as qemu-img names them. */
+export const QCOW2_CREATE_OPTIONS = [
+  'compat',
+  'cluster_size',
+  'compression_type',
+  'preallocation',
+  'backing_file',
+  'backing_fmt',
+  'extended_l2',
+  'refcount_bits',
+  'lazy_refcounts',
+] as const;

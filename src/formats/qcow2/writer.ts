@@ -16,20 +16,9 @@ import {
   INCOMPAT_COMPRESSION,
   INCOMPAT_EXTL2,
   MAX_L1_BYTES,
+  QCOW2_CREATE_OPTIONS,
   SUBCLUSTERS,
 } from './layout.js';
-
-export const QCOW2_CREATE_OPTIONS = [
-  'compat',
-  'cluster_size',
-  'compression_type',
-  'preallocation',
-  'backing_file',
-  'backing_fmt',
-  'extended_l2',
-  'refcount_bits',
-  'lazy_refcounts',
-] as const;
 
 /** The image's shape, as the -o options choose it. */
 export interface Qcow2Layout {

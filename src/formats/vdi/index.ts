@@ -1,19 +1,19 @@
 import { flatExtents } from '../../disk/chain.js';
 import { checkKnownOptions, parseBoolOption } from '../../disk/options.js';
 import type { FormatDriver, MeasureResult } from '../../disk/types.js';
-import { checkVdi } from './check.js';
-import { DATA_ALIGN, DEFAULT_BLOCK_SIZE, HEADER_AREA, isVdi } from './layout.js';
-import { VdiReader } from './reader.js';
-import { VDI_CREATE_OPTIONS, VdiWriter } from './writer.js';
+import { DATA_ALIGN, DEFAULT_BLOCK_SIZE, HEADER_AREA, isVdi, VDI_CREATE_OPTIONS } from './layout.js';
+
+// Reader, writer and check load when first used (probing needs only the layout).
+const writer = () => import('./writer.js');
 
 export const vdiDriver: FormatDriver = {
   name: 'vdi',
   probe: (head) => (isVdi(head) ? 100 : 0),
-  open: (path, options) => VdiReader.open(path, options),
-  create: (path, size, options) => VdiWriter.create(path, size, options),
-  resume: (path, size, options, state) => VdiWriter.resume(path, size, options, state),
+  open: async (path, options) => (await import('./reader.js')).VdiReader.open(path, options),
+  create: async (path, size, options) => (await writer()).VdiWriter.create(path, size, options),
+  resume: async (path, size, options, state) => (await writer()).VdiWriter.resume(path, size, options, state),
   createOptions: VDI_CREATE_OPTIONS,
-  check: (path, options) => checkVdi(path, options),
+  check: async (path, options) => (await import('./check.js')).checkVdi(path, options),
   async measure(source, virtualSize, options): Promise<MeasureResult> {
     checkKnownOptions('vdi', options.options, VDI_CREATE_OPTIONS);
     const isStatic = parseBoolOption(options.options.static, 'static', false);

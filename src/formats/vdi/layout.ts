@@ -176,3 +176,6 @@ export function formatUuid(id: Buffer): string {
 export function isNullUuid(id: Buffer): boolean {
   return id.every((b) => b === 0);
 }
+
+/** Options create() accepts (-o), as qemu-img names them. */
+export const VDI_CREATE_OPTIONS = ['static', 'preallocation'] as const;

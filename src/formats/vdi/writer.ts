@@ -11,12 +11,10 @@ import {
   HEADER_AREA,
   MAX_BLOCKS,
   newUuid,
+  VDI_CREATE_OPTIONS,
   VDI_TYPE_FIXED,
   VDI_TYPE_NORMAL,
 } from './layout.js';
-
-/** qemu-img's vdi options. */
-export const VDI_CREATE_OPTIONS = ['static', 'preallocation'] as const;
 
 const PAGE_ENTRIES = 16384;
 const BS = DEFAULT_BLOCK_SIZE;

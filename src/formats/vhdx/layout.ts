@@ -505,3 +505,6 @@ export function logEntryChecksumOk(entry: Buffer): boolean {
 export function unsupported(what: string, file: string): UnsupportedFeatureError {
   return new UnsupportedFeatureError(what, file);
 }
+
+/** Options create() accepts (-o), as qemu-img names them. */
+export const VHDX_CREATE_OPTIONS = ['subformat', 'block_size', 'log_size', 'block_state_zero', 'logical_sector_size'] as const;

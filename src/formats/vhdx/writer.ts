@@ -22,12 +22,10 @@ import {
   payloadIndex,
   REGION_TABLE_OFFSETS,
   randomGuid,
+  VHDX_CREATE_OPTIONS,
   writeGuid,
   ZERO_GUID,
 } from './layout.js';
-
-/** -o options, named as qemu-img names them (logical_sector_size is vmferry's own). */
-export const VHDX_CREATE_OPTIONS = ['subformat', 'block_size', 'log_size', 'block_state_zero', 'logical_sector_size'] as const;
 
 const GiB = 1024 * MiB;
 const TiB = 1024 * GiB;

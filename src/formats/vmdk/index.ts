@@ -1,42 +1,8 @@
-import { flatExtents } from '../../disk/chain.js';
-import type { CreateOptions, DiskReader, FormatDriver, MeasureResult } from '../../disk/types.js';
-import { checkVmdk } from './check.js';
-import { looksLikeDescriptor, MAX_DESCRIPTOR_BYTES, SECTOR, SPLIT_BYTES } from './layout.js';
-import { extentMagic, VmdkReader } from './reader.js';
-import { createVmdk, GRAIN_SECTORS, parseCreateOptions, resumeVmdk, sparseLayout, VMDK_CREATE_OPTIONS } from './writer.js';
+import type { FormatDriver } from '../../disk/types.js';
+import { extentMagic, looksLikeDescriptor, MAX_DESCRIPTOR_BYTES, VMDK_CREATE_OPTIONS } from './layout.js';
 
-/** Bytes a conversion to vmdk needs, from the source's allocation at grain granularity. */
-async function measureVmdk(source: DiskReader, virtualSize: number, options: CreateOptions): Promise<MeasureResult> {
-  const s = parseCreateOptions(options);
-  const size = Math.ceil(virtualSize / SECTOR) * SECTOR;
-  const grainBytes = GRAIN_SECTORS * SECTOR;
-  const totalGrains = Math.ceil(size / grainBytes);
-  if (s.subformat === 'monolithicFlat' || s.subformat === 'twoGbMaxExtentFlat') {
-    return { required: size, fullyAllocated: size };
-  }
-  let grains = 0;
-  let last = -1;
-  for await (const e of flatExtents(source, 0, Math.min(size, source.virtualSize))) {
-    if (e.kind !== 'data') continue;
-    const g0 = Math.max(Math.floor(e.offset / grainBytes), last + 1);
-    const g1 = Math.floor((e.offset + e.length - 1) / grainBytes);
-    if (g1 >= g0) grains += g1 - g0 + 1;
-    last = Math.max(last, g1);
-  }
-  if (s.subformat === 'streamOptimized') {
-    // Worst case: every grain incompressible (marker + deflate's stored-block overhead).
-    const perGrain = grainBytes + 2 * SECTOR;
-    const meta = (n: number) =>
-      grainBytes + Math.ceil(n / 512) * 2560 + Math.ceil(size / grainBytes / 512 / 128) * SECTOR + 4 * SECTOR;
-    return { required: meta(grains) + grains * perGrain, fullyAllocated: meta(totalGrains) + totalGrains * perGrain };
-  }
-  const extentSize = s.subformat === 'twoGbMaxExtentSparse' ? SPLIT_BYTES : size;
-  let overhead = 0;
-  for (let pos = 0; pos < size; pos += extentSize) {
-    overhead += sparseLayout(Math.ceil(Math.min(extentSize, size - pos) / SECTOR)).grainOffset * SECTOR;
-  }
-  return { required: overhead + grains * grainBytes, fullyAllocated: overhead + totalGrains * grainBytes };
-}
+// Reader, writer, check and measure load when first used (probing needs only the layout).
+const writer = () => import('./writer.js');
 
 export const vmdkDriver: FormatDriver = {
   name: 'vmdk',
@@ -44,10 +10,10 @@ export const vmdkDriver: FormatDriver = {
     if (extentMagic(head) !== 'other') return 100;
     return size <= MAX_DESCRIPTOR_BYTES && looksLikeDescriptor(head) ? 100 : 0;
   },
-  open: (path, options) => VmdkReader.open(path, options),
-  create: (path, size, options) => createVmdk(path, size, options),
-  resume: (path, size, options, state) => resumeVmdk(path, size, options, state),
+  open: async (path, options) => (await import('./reader.js')).VmdkReader.open(path, options),
+  create: async (path, size, options) => (await writer()).createVmdk(path, size, options),
+  resume: async (path, size, options, state) => (await writer()).resumeVmdk(path, size, options, state),
   createOptions: VMDK_CREATE_OPTIONS,
-  check: (path, options) => checkVmdk(path, options),
-  measure: measureVmdk,
+  check: async (path, options) => (await import('./check.js')).checkVmdk(path, options),
+  measure: async (source, virtualSize, options) => (await import('./measure.js')).measureVmdk(source, virtualSize, options),
 };

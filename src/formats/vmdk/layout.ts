@@ -405,3 +405,16 @@ export function formatDdbUuid(bytes: Buffer): string {
   const h = [...bytes.subarray(0, 16)].map((b) => b.toString(16).padStart(2, '0'));
   return `${h.slice(0, 8).join(' ')}-${h.slice(8, 16).join(' ')}`;
 }
+
+/** Options create() accepts (-o), as qemu-img names them. */
+export const VMDK_CREATE_OPTIONS = ['subformat', 'adapter_type', 'hwversion', 'toolsversion', 'compat6', 'zeroed_grain'] as const;
+
+/** What a sparse extent file holds, by its magic. */
+export type ExtentMagic = 'kdmv' | 'cowd' | 'sesparse' | 'other';
+
+export function extentMagic(head: Buffer): ExtentMagic {
+  if (head.length >= 4 && head.readUInt32BE(0) === KDMV_MAGIC) return 'kdmv';
+  if (head.length >= 4 && head.readUInt32BE(0) === COWD_MAGIC) return 'cowd';
+  if (head.length >= 8 && head.readBigUInt64LE(0) === BigInt(SESPARSE_CONST_MAGIC)) return 'sesparse';
+  return 'other';
+}

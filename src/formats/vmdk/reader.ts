@@ -1,4 +1,7 @@
 /** Reads every VMDK flavour: descriptor + extents, sparse, flat, stream-optimized, COWD, seSparse, chains. */
+// extentMagic lives in layout.ts so that probing needs no reader; re-exported for old importers.
+export { extentMagic } from './layout.js';
+
 import { CorruptImageError, UnsupportedFeatureError, UsageError, VmferryError } from '../../disk/errors.js';
 import { MappedDiskReader } from '../../disk/mapped.js';
 import { type PackableSegment, readPackedVia } from '../../disk/packed.js';
@@ -13,14 +16,14 @@ import {
 } from '../../disk/types.js';
 import { FilePool, LazyFile, MetaCache, SparseExtent } from './extent.js';
 import {
-  COWD_MAGIC,
   checkSeSparseVolatile,
   type Descriptor,
   decodeCowdHeader,
   decodeMarker,
   decodeSeSparseHeader,
   decodeSparseHeader,
-  KDMV_MAGIC,
+  type ExtentMagic,
+  extentMagic,
   looksLikeDescriptor,
   MARKER_EOS,
   MARKER_FOOTER,
@@ -28,7 +31,6 @@ import {
   NO_PARENT_CID,
   parseDescriptor,
   SECTOR,
-  SESPARSE_CONST_MAGIC,
   type SparseHeader,
   validateSparseHeader,
 } from './layout.js';
@@ -42,16 +44,6 @@ interface ReaderExtent {
   sparse?: SparseExtent;
   /** For info: qemu's extent record. */
   info: Record<string, unknown>;
-}
-
-/** What a sparse extent file holds, by its magic. */
-export type ExtentMagic = 'kdmv' | 'cowd' | 'sesparse' | 'other';
-
-export function extentMagic(head: Buffer): ExtentMagic {
-  if (head.length >= 4 && head.readUInt32BE(0) === KDMV_MAGIC) return 'kdmv';
-  if (head.length >= 4 && head.readUInt32BE(0) === COWD_MAGIC) return 'cowd';
-  if (head.length >= 8 && head.readBigUInt64LE(0) === BigInt(SESPARSE_CONST_MAGIC)) return 'sesparse';
-  return 'other';
 }
 
 /** Reads a KDMV header; with GD_AT_END the footer's copy (at end - 1536) wins. */

@@ -32,9 +32,8 @@ import {
   SECTOR,
   SPLIT_BYTES,
   type SparseHeader,
+  VMDK_CREATE_OPTIONS,
 } from './layout.js';
-
-export const VMDK_CREATE_OPTIONS = ['subformat', 'adapter_type', 'hwversion', 'toolsversion', 'compat6', 'zeroed_grain'] as const;
 
 export const SUBFORMATS = [
   'monolithicSparse',

@@ -1,10 +1,18 @@
 import { flatExtents } from '../../disk/chain.js';
 import { checkKnownOptions, parseBoolOption } from '../../disk/options.js';
 import type { FormatDriver, MeasureResult } from '../../disk/types.js';
-import { checkVpc } from './check.js';
-import { bitmapSize, DEFAULT_BLOCK_SIZE, FOOTER_SIZE, isFooterCookie, newImageGeometry, SECTOR } from './layout.js';
-import { VpcReader } from './reader.js';
-import { VPC_CREATE_OPTIONS, VpcWriter } from './writer.js';
+import {
+  bitmapSize,
+  DEFAULT_BLOCK_SIZE,
+  FOOTER_SIZE,
+  isFooterCookie,
+  newImageGeometry,
+  SECTOR,
+  VPC_CREATE_OPTIONS,
+} from './layout.js';
+
+// Reader, writer and check load when first used (probing needs only the layout).
+const writer = () => import('./writer.js');
 
 const MiB = 1024 * 1024;
 
@@ -23,11 +31,11 @@ export const vpcDriver: FormatDriver = {
     if (size >= FOOTER_SIZE - 1 && isFooterCookie(tail, tail.length - (FOOTER_SIZE - 1))) return 100;
     return 0;
   },
-  open: (path, options) => VpcReader.open(path, options),
-  create: (path, size, options) => VpcWriter.create(path, size, options),
-  resume: (path, size, options, state) => VpcWriter.resume(path, size, options, state),
+  open: async (path, options) => (await import('./reader.js')).VpcReader.open(path, options),
+  create: async (path, size, options) => (await writer()).VpcWriter.create(path, size, options),
+  resume: async (path, size, options, state) => (await writer()).VpcWriter.resume(path, size, options, state),
   createOptions: VPC_CREATE_OPTIONS,
-  check: (path, options) => checkVpc(path, options),
+  check: async (path, options) => (await import('./check.js')).checkVpc(path, options),
   async measure(source, virtualSize, options): Promise<MeasureResult> {
     checkKnownOptions('vpc', options.options, VPC_CREATE_OPTIONS);
     parseBoolOption(options.options.force_size, 'force_size', false);

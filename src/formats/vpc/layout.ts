@@ -366,3 +366,6 @@ export function formatUuid(id: Buffer): string {
 export function vhdTimestamp(unixMs = Date.now()): number {
   return Math.max(0, Math.floor(unixMs / 1000) - VHD_EPOCH) >>> 0;
 }
+
+/** Options create() accepts (-o), as qemu-img names them. */
+export const VPC_CREATE_OPTIONS = ['subformat', 'force_size', 'preallocation', 'backing_file', 'backing_fmt'] as const;

@@ -23,12 +23,10 @@ import {
   SECTOR,
   type VhdFooter,
   VMFERRY_CREATOR,
+  VPC_CREATE_OPTIONS,
   vhdTimestamp,
 } from './layout.js';
 import { VpcReader } from './reader.js';
-
-/** qemu-img's vpc options, plus backing_file/backing_fmt for differencing disks. */
-export const VPC_CREATE_OPTIONS = ['subformat', 'force_size', 'preallocation', 'backing_file', 'backing_fmt'] as const;
 
 const BAT_OFFSET = FOOTER_SIZE + DYN_HEADER_SIZE;
 const FULL = Buffer.alloc(0);
