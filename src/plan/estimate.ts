@@ -32,15 +32,18 @@ export interface CostModel {
 }
 
 /**
- * Measured on the 2-core benchmark VM: a send process's wall time minus its own clock (node start,
- * module loading, CLI parsing, exit) was 0.42-0.73 s at a load average of ~7 (`vmferry --version`
- * alone 0.13-0.21 s); `dd conv=fsync` of 256 MiB wrote at 152-239 MB/s.
+ * Measured on the 2-core benchmark VM when idle: a send process's wall time minus its own clock
+ * (node start, module loading, CLI parsing, exit) was 0.22-0.25 s (0.42-0.73 s at a load average of
+ * ~7); `dd conv=fsync` of 256 MiB took 0.64-0.97 s, about 300 MB/s.
  */
 export const DEFAULT_COSTS: Pick<CostModel, 'startSeconds' | 'tlsSeconds' | 'syncBytesPerSecond'> = {
-  startSeconds: 0.6,
+  startSeconds: 0.25,
   tlsSeconds: 0.004,
-  syncBytesPerSecond: 180e6,
+  syncBytesPerSecond: 300e6,
 };
+
+/** The agent's default checkpoint spacing (serve --checkpoint-every): it fsyncs at each one. */
+export const AGENT_CHECKPOINT_BYTES = 64 * 1024 * 1024;
 
 export interface EstimateOptions {
   /** Bytes per second available on the wire. */
@@ -101,6 +104,8 @@ export interface TransferShape {
   bandwidth: number;
   rtt: number;
   streams: number;
+  /** The agent's checkpoint spacing, bytes (AGENT_CHECKPOINT_BYTES unless the agent was told otherwise). */
+  checkpointBytes?: number;
 }
 
 /** The time model's terms, seconds. */
@@ -124,8 +129,8 @@ export interface TimeTerms {
 
 /**
  * Closed form: total = fixed + max(network, sender, agent) + fill + sync + verify.
- * The sync term is added, not overlapped: fsync blocks the agent's one thread, and the sender's
- * token bucket does not bank the time it could not send.
+ * The sync term is the final flush only (see below); it is added, not overlapped, since nothing
+ * else is left to do while it runs.
  */
 export function transferTime(x: TransferShape, m: CostModel): TimeTerms {
   const handshakes = 1 + Math.min(x.streams, Math.max(1, x.chunks));
@@ -140,7 +145,10 @@ export function transferTime(x: TransferShape, m: CostModel): TimeTerms {
   const limitedBy = flow === network ? 'network' : flow === sender ? 'sender-cpu' : 'agent-cpu';
   const chunkRaw = x.chunks > 0 ? x.readBytes / x.chunks : 0;
   const fill = chunkRaw / m.senderBytesPerSecond + chunkRaw / m.agentBytesPerSecond;
-  const sync = x.writtenBytes / m.syncBytesPerSecond;
+  // The agent fsyncs at every checkpoint while later chunks are still arriving (the streams' requests
+  // in flight and the socket buffers absorb the pause); only the last flush, of what came after the
+  // last checkpoint, stands between the last chunk and the end.
+  const sync = Math.min(x.writtenBytes, x.checkpointBytes ?? AGENT_CHECKPOINT_BYTES) / m.syncBytesPerSecond;
   const verify = x.readBytes / m.verifyBytesPerSecond;
   return {
     fixed,

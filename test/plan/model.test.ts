@@ -26,7 +26,7 @@ const model: CostModel = {
   syncBytesPerSecond: 200e6,
 };
 
-test('network-bound: fixed + wire/B + one chunk of fill + fsync + read-back', () => {
+test("network-bound: fixed + wire/B + one chunk of fill + the last checkpoint's fsync + read-back", () => {
   const t = transferTime(
     { readBytes: 400e6, writtenBytes: 300e6, wireBytes: 200e6, chunks: 100, bandwidth: 20e6, rtt: 0, streams: 4 },
     model,
@@ -39,9 +39,24 @@ test('network-bound: fixed + wire/B + one chunk of fill + fsync + read-back', ()
   near(t.agent, 2, 'agent');
   assert.equal(t.limitedBy, 'network');
   near(t.fill, 4e6 / 100e6 + 4e6 / 200e6, 'fill');
-  near(t.sync, 300e6 / 200e6, 'sync');
+  // The agent flushed at each 64 MiB checkpoint on the way; only the data after the last one is left.
+  near(t.sync, (64 * MiB) / 200e6, 'sync');
   near(t.verify, 400e6 / 500e6, 'verify');
-  near(t.total, 0.27 + 10 + 0.06 + 1.5 + 0.8, 'total');
+  near(t.total, 0.27 + 10 + 0.06 + (64 * MiB) / 200e6 + 0.8, 'total');
+  const spaced = transferTime(
+    {
+      readBytes: 400e6,
+      writtenBytes: 300e6,
+      wireBytes: 200e6,
+      chunks: 100,
+      bandwidth: 20e6,
+      rtt: 0,
+      streams: 4,
+      checkpointBytes: 16e6,
+    },
+    model,
+  );
+  near(spaced.sync, 16e6 / 200e6, 'sync with --checkpoint-every 16M');
 });
 
 test('a long round trip narrows the window: streams x chunk / (RTT + chunk/B)', () => {
