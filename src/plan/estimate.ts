@@ -42,6 +42,12 @@ export const DEFAULT_COSTS: Pick<CostModel, 'startSeconds' | 'tlsSeconds' | 'syn
   syncBytesPerSecond: 300e6,
 };
 
+/**
+ * Share of a link's rate left for payload: a full-sized TCP segment (1448 bytes of data) travels in
+ * a 1514-byte Ethernet frame (IP, TCP with timestamps, Ethernet headers); TLS records add ~0.2%.
+ */
+export const LINK_EFFICIENCY = 1448 / 1514;
+
 /** The agent's default checkpoint spacing (serve --checkpoint-every): it fsyncs at each one. */
 export const AGENT_CHECKPOINT_BYTES = 64 * 1024 * 1024;
 
@@ -112,7 +118,7 @@ export interface TransferShape {
 export interface TimeTerms {
   /** Process start, TLS handshakes (CPU and a round trip each), begin and finish round trips. */
   fixed: number;
-  /** Bandwidth after the request window: min(B, streams x chunk / (RTT + chunk / B)). */
+  /** Payload bandwidth: min(B x LINK_EFFICIENCY, streams x chunk / (RTT + chunk / B)). */
   effectiveBandwidth: number;
   network: number;
   sender: number;
@@ -137,7 +143,7 @@ export function transferTime(x: TransferShape, m: CostModel): TimeTerms {
   const fixed = m.startSeconds + handshakes * (m.tlsSeconds + x.rtt) + 2 * x.rtt;
   const chunkWire = x.chunks > 0 ? x.wireBytes / x.chunks : 0;
   const window = chunkWire > 0 ? (x.streams * chunkWire) / (x.rtt + chunkWire / x.bandwidth) : x.bandwidth;
-  const effectiveBandwidth = Math.min(x.bandwidth, window);
+  const effectiveBandwidth = Math.min(x.bandwidth * LINK_EFFICIENCY, window);
   const network = x.wireBytes / effectiveBandwidth;
   const sender = x.readBytes / m.senderBytesPerSecond;
   const agent = x.readBytes / m.agentBytesPerSecond;

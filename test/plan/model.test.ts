@@ -33,8 +33,10 @@ test("network-bound: fixed + wire/B + one chunk of fill + the last checkpoint's 
   );
   // 1 pin check + 4 stream handshakes at 4 ms, no round-trip time.
   near(t.fixed, 0.25 + 5 * 0.004, 'fixed');
-  near(t.effectiveBandwidth, 20e6, 'window wider than the link');
-  near(t.network, 200e6 / 20e6, 'network');
+  // Headers take 66 of every 1514 bytes on the link (Ethernet, IP, TCP with timestamps).
+  const goodput = (20e6 * 1448) / 1514;
+  near(t.effectiveBandwidth, goodput, 'window wider than the link');
+  near(t.network, 200e6 / goodput, 'network');
   near(t.sender, 4, 'sender');
   near(t.agent, 2, 'agent');
   assert.equal(t.limitedBy, 'network');
@@ -42,7 +44,7 @@ test("network-bound: fixed + wire/B + one chunk of fill + the last checkpoint's 
   // The agent flushed at each 64 MiB checkpoint on the way; only the data after the last one is left.
   near(t.sync, (64 * MiB) / 200e6, 'sync');
   near(t.verify, 400e6 / 500e6, 'verify');
-  near(t.total, 0.27 + 10 + 0.06 + (64 * MiB) / 200e6 + 0.8, 'total');
+  near(t.total, 0.27 + 200e6 / goodput + 0.06 + (64 * MiB) / 200e6 + 0.8, 'total');
   const spaced = transferTime(
     {
       readBytes: 400e6,
@@ -112,7 +114,7 @@ test('estimateTransfer with every term given: 8 MiB of incompressible data, comp
     const R = 8 * MiB;
     const fixed = 0.25 + (1 + 2) * (0.004 + 0.01) + 2 * 0.01;
     const window = (4 * 4 * MiB) / (0.01 + (4 * MiB) / (2 * MiB));
-    const network = R / Math.min(2 * MiB, window);
+    const network = R / Math.min((2 * MiB * 1448) / 1514, window);
     const fill = (4 * MiB) / 100e6 + (4 * MiB) / 200e6;
     const want = fixed + Math.max(network, R / 100e6, R / 200e6) + fill + R / 200e6 + R / 500e6;
     near(est.seconds!.mean, want, 'seconds');
