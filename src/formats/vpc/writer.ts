@@ -56,6 +56,21 @@ interface Plan {
   parent?: { reader: VpcReader; path: string };
 }
 
+/** The -o options every vpc output shares: subformat, force_size, preallocation (checked together). */
+function parseOptions(o: Record<string, string>): { subformat: 'dynamic' | 'fixed'; forceSize: boolean; prealloc: string } {
+  checkKnownOptions('vpc', o, VPC_CREATE_OPTIONS);
+  const subformat = o.subformat ?? 'dynamic';
+  if (subformat !== 'dynamic' && subformat !== 'fixed') {
+    throw new UsageError(`Invalid subformat '${subformat}' for vpc (use dynamic or fixed)`);
+  }
+  const forceSize = parseBoolOption(o.force_size, 'force_size', false);
+  const prealloc = o.preallocation ?? 'off';
+  if (prealloc !== 'off' && !(prealloc === 'full' && subformat === 'fixed')) {
+    throw new UsageError(`Invalid preallocation mode '${prealloc}' for vpc (off, or full with subformat=fixed)`);
+  }
+  return { subformat, forceSize, prealloc };
+}
+
 /**
  * Writes a fixed VHD (data, then the footer) or a dynamic/differencing one (footer copy, header,
  * BAT, locators, then blocks appended as data arrives, each a sector bitmap plus the block).
@@ -112,16 +127,7 @@ export class VpcWriter implements DiskWriter {
 
   /** -o options of a vpc without a parent: subformat, geometry, preallocation. */
   private static plainPlan(path: string, virtualSize: number, o: Record<string, string>): Plan {
-    checkKnownOptions('vpc', o, VPC_CREATE_OPTIONS);
-    const subformat = o.subformat ?? 'dynamic';
-    if (subformat !== 'dynamic' && subformat !== 'fixed') {
-      throw new UsageError(`Invalid subformat '${subformat}' for vpc (use dynamic or fixed)`);
-    }
-    const forceSize = parseBoolOption(o.force_size, 'force_size', false);
-    const prealloc = o.preallocation ?? 'off';
-    if (prealloc !== 'off' && !(prealloc === 'full' && subformat === 'fixed')) {
-      throw new UsageError(`Invalid preallocation mode '${prealloc}' for vpc (off, or full with subformat=fixed)`);
-    }
+    const { subformat, forceSize, prealloc } = parseOptions(o);
     if (o.backing_fmt !== undefined && o.backing_file === undefined) throw new UsageError('backing_fmt needs backing_file');
     const g = newImageGeometry(virtualSize, forceSize);
     if (g.size > MAX_VHD_SIZE) {
@@ -132,16 +138,7 @@ export class VpcWriter implements DiskWriter {
 
   static async create(path: string, virtualSize: number, options: CreateOptions): Promise<VpcWriter> {
     const o = options.options;
-    checkKnownOptions('vpc', o, VPC_CREATE_OPTIONS);
-    const subformat = o.subformat ?? 'dynamic';
-    if (subformat !== 'dynamic' && subformat !== 'fixed') {
-      throw new UsageError(`Invalid subformat '${subformat}' for vpc (use dynamic or fixed)`);
-    }
-    const forceSize = parseBoolOption(o.force_size, 'force_size', false);
-    const prealloc = o.preallocation ?? 'off';
-    if (prealloc !== 'off' && !(prealloc === 'full' && subformat === 'fixed')) {
-      throw new UsageError(`Invalid preallocation mode '${prealloc}' for vpc (off, or full with subformat=fixed)`);
-    }
+    const { subformat, forceSize, prealloc } = parseOptions(o);
     let parent: Plan['parent'];
     let size = virtualSize;
     if (o.backing_file !== undefined) {
