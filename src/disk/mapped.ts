@@ -1,13 +1,19 @@
 import { VmferryError } from './errors.js';
 import type { ByteSource } from './source.js';
-import type { DiskReader, Extent, ExtentKind, FormatDetails } from './types.js';
+import type { DiskReader, Extent, ExtentKind, FormatDetails, PackedUnit } from './types.js';
+
+/** What a format's lookup gives for a compressed unit it can hand over undecoded (readPacked). */
+export type PackedSource = Omit<PackedUnit, 'offset' | 'length' | 'skip'>;
 
 /** What one stretch of guest bytes is, as a format's lookup describes it. */
 export type Segment =
   /** Stored as-is at `position` of `source`. */
   | { kind: 'data'; length: number; source: ByteSource; position: number }
-  /** Stored encoded (compressed grain, cluster); `load` yields the decoded unit, of which [skip, skip + length) is wanted. */
-  | { kind: 'encoded'; length: number; skip: number; load: () => Promise<Buffer> }
+  /**
+   * Stored encoded (compressed grain, cluster); `load` yields the decoded unit, of which
+   * [skip, skip + length) is wanted; `pack`, where given, its stored bytes undecoded.
+   */
+  | { kind: 'encoded'; length: number; skip: number; load: () => Promise<Buffer>; pack?: () => Promise<PackedSource> }
   | { kind: 'zero'; length: number }
   | { kind: 'unallocated'; length: number };
 
@@ -48,24 +54,33 @@ export abstract class MappedDiskReader implements DiskReader {
   }
 
   async read(offset: number, length: number, into?: Buffer): Promise<Buffer> {
-    if (!Number.isSafeInteger(offset) || offset < 0 || length < 0 || offset + length > this.virtualSize) {
-      throw new VmferryError(
-        `read of ${length} bytes at ${offset} is outside the virtual size ${this.virtualSize}`,
-        this.filename,
-      );
-    }
     const buf = into ?? Buffer.allocUnsafe(length);
+    await this.fill(offset, length, buf);
+    return buf;
+  }
+
+  /**
+   * Guest bytes [offset, offset + length) into `into`. With `packed`, encoded segments that can
+   * hand over their stored bytes are not decoded: their units are appended there instead (the
+   * copy pipeline decodes them on its workers) and their ranges of `into` are left as they are.
+   */
+  protected async fill(offset: number, length: number, into: Buffer, packed?: PackedUnit[]): Promise<void> {
+    this.checkRange(offset, length);
     let done = 0;
     while (done < length) {
       const pos = offset + done;
       const seg = await this.segment(pos, length - done);
       const n = this.checkedLength(seg, pos, length - done);
-      const out = buf.subarray(done, done + n);
+      const out = into.subarray(done, done + n);
       switch (seg.kind) {
         case 'data':
           await seg.source.read(seg.position, n, out);
           break;
         case 'encoded': {
+          if (packed && seg.pack) {
+            packed.push({ ...(await seg.pack()), offset: pos, length: n, skip: seg.skip });
+            break;
+          }
           const unit = await seg.load();
           if (seg.skip + n > unit.length) {
             throw new VmferryError(`decoded unit is ${unit.length} bytes, shorter than expected`, this.filename);
@@ -82,7 +97,16 @@ export abstract class MappedDiskReader implements DiskReader {
       }
       done += n;
     }
-    return buf;
+  }
+
+  /** A read of [offset, offset + length) must lie inside the virtual size. */
+  protected checkRange(offset: number, length: number): void {
+    if (!Number.isSafeInteger(offset) || offset < 0 || length < 0 || offset + length > this.virtualSize) {
+      throw new VmferryError(
+        `read of ${length} bytes at ${offset} is outside the virtual size ${this.virtualSize}`,
+        this.filename,
+      );
+    }
   }
 
   /** Unallocated bytes come from the backing image where it reaches, zeros elsewhere. */

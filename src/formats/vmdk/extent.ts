@@ -2,9 +2,10 @@
  * Sparse extents (hosted KDMV, ESX COWD, seSparse) behind one lookup, plus the two caches the
  * reader needs: open extent files (bounded fd count) and metadata tables (bounded bytes).
  */
+
 import { inflateSync } from 'node:zlib';
 import { CorruptImageError } from '../../disk/errors.js';
-import type { PackableSegment, PackedSource } from '../../disk/packed.js';
+import type { PackedSource, Segment } from '../../disk/mapped.js';
 import { type ByteSource, FileSource, readExact } from '../../disk/source.js';
 import { isZero } from '../../disk/zero.js';
 import {
@@ -315,7 +316,7 @@ export class SparseExtent {
   }
 
   /** What the guest bytes at `rel` (relative to this extent) are, for up to `max` bytes. */
-  async lookup(rel: number, max: number): Promise<PackableSegment> {
+  async lookup(rel: number, max: number): Promise<Segment> {
     const gb = this.grainBytes;
     const coverage = gb * this.gtEntries;
     const gtIndex = Math.floor(rel / coverage);

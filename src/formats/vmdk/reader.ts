@@ -3,8 +3,7 @@
 export { extentMagic } from './layout.js';
 
 import { CorruptImageError, UnsupportedFeatureError, UsageError, VmferryError } from '../../disk/errors.js';
-import { MappedDiskReader } from '../../disk/mapped.js';
-import { type PackableSegment, readPackedVia } from '../../disk/packed.js';
+import { MappedDiskReader, type Segment } from '../../disk/mapped.js';
 import { resolveReference } from '../../disk/refs.js';
 import { type ByteSource, FileSource, readExact } from '../../disk/source.js';
 import {
@@ -276,14 +275,7 @@ export class VmdkReader extends MappedDiskReader {
 
   /** Compressed grains come back undecoded: the copy pipeline inflates them on its worker threads. */
   async readPacked(offset: number, length: number, into: Buffer): Promise<PackedUnit[]> {
-    const access = {
-      filename: this.filename,
-      virtualSize: this.virtualSize,
-      segment: (o: number, m: number) => this.segment(o, m),
-      readBelow: (o: number, out: Buffer) => this.readBelow(o, out),
-    };
-    // Checks the range (reads nothing).
-    await readPackedVia(access, offset, 0, into);
+    this.checkRange(offset, length);
     const units: PackedUnit[] = [];
     let done = 0;
     while (done < length) {
@@ -298,7 +290,7 @@ export class VmdkReader extends MappedDiskReader {
         continue;
       }
       const n = Math.min(length - done, (await this.segment(pos, length - done)).length);
-      units.push(...(await readPackedVia(access, pos, n, into.subarray(done, done + n))));
+      await this.fill(pos, n, into.subarray(done, done + n), units);
       done += n;
     }
     return units;
@@ -315,7 +307,7 @@ export class VmdkReader extends MappedDiskReader {
     return lo;
   }
 
-  protected async segment(offset: number, maxLength: number): Promise<PackableSegment> {
+  protected async segment(offset: number, maxLength: number): Promise<Segment> {
     const e = this.extentList[this.extentIndex(offset)]!;
     const rel = offset - e.start;
     const max = Math.min(maxLength, e.length - rel);
