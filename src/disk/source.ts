@@ -59,7 +59,9 @@ export class FileSource implements ByteSource {
   }
 
   async read(position: number, length: number, into?: Buffer): Promise<Buffer> {
-    // Only whole-file ranges: a mapped page wholly past the end of the file would fault on access.
+    // Only whole-file ranges: a mapped page wholly past the end of the file would fault on access
+    // (SIGBUS). For the same reason a source must not be truncated while it is copied, which would
+    // make any copy of it wrong anyway.
     if (into && windows.has(into.buffer) && this.stats.isFile() && position + length <= this.size && length > 0) {
       if (nativeHelper()!.mapFile(into, this.fd, position, length)) return into.subarray(0, length);
     }
