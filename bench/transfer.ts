@@ -143,7 +143,8 @@ function netnsShape(rate: number, rtt: number): void {
     'rate',
     `${Math.round(rate * 8)}bit`,
     'burst',
-    '256kb',
+    // tbf cannot reach its rate with a bucket smaller than rate / HZ (tc-tbf(8)); 1/100 s covers HZ >= 100.
+    `${Math.max(256 * 1024, Math.ceil(rate / 100))}b`,
     'latency',
     '500ms',
   ]);
