@@ -6,6 +6,7 @@
  */
 import { connect, type Socket } from 'node:net';
 import { VmferryError } from '../disk/errors.js';
+import { endSocket } from '../transfer/socket.js';
 
 /** QEMU refused a command: `qmpClass` is QEMU's error class (GenericError, DeviceNotFound, ...). */
 export class QmpError extends VmferryError {
@@ -233,14 +234,6 @@ export class QmpClient {
 
   async close(): Promise<void> {
     this.fail(new VmferryError('QMP connection closed', this.path));
-    await new Promise<void>((resolve) => {
-      if (this.socket.destroyed) return resolve();
-      this.socket.once('close', () => resolve());
-      this.socket.end();
-      setTimeout(() => {
-        this.socket.destroy();
-        resolve();
-      }, 1000).unref();
-    });
+    await endSocket(this.socket);
   }
 }

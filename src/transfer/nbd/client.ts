@@ -9,6 +9,7 @@ import { readFileSync } from 'node:fs';
 import { connect as netConnect, type Socket } from 'node:net';
 import { type TLSSocket, connect as tlsConnect } from 'node:tls';
 import { UnsupportedFeatureError, UsageError, VmferryError } from '../../disk/errors.js';
+import { endSocket } from '../socket.js';
 import type { NbdAddress } from './uri.js';
 
 const NBDMAGIC = 0x4e42444d41474943n;
@@ -580,14 +581,6 @@ export class NbdConnection {
       }
     }
     this.failAll(new VmferryError('NBD connection closed', this.name));
-    await new Promise<void>((resolve) => {
-      if (this.socket.destroyed) return resolve();
-      this.socket.once('close', () => resolve());
-      this.socket.end();
-      setTimeout(() => {
-        this.socket.destroy();
-        resolve();
-      }, 1000).unref();
-    });
+    await endSocket(this.socket);
   }
 }
