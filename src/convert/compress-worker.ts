@@ -2,20 +2,13 @@
  * Worker thread: compresses units of a chunk with the codec the writer asked for, or decodes a
  * reader's packed units into their places in a chunk.
  */
-import { createRequire } from 'node:module';
 import { setFlagsFromString } from 'node:v8';
 import { runInNewContext } from 'node:vm';
 import { parentPort } from 'node:worker_threads';
 import { deflateRawSync, deflateSync, inflateRawSync, inflateSync } from 'node:zlib';
 import type { CodecSpec, PackedCodec } from '../disk/types.js';
-
-type ZstdModule = typeof import('zstd-napi');
-let zstdModule: ZstdModule | undefined;
-/** Loaded on first use: its native binding would add to every worker's start-up. */
-function zstd(): ZstdModule {
-  zstdModule ??= createRequire(import.meta.url)('zstd-napi') as ZstdModule;
-  return zstdModule;
-}
+// Loaded on first use (zstd jobs only): its native binding would add to every worker's start-up.
+import { zstd } from '../disk/zstd.js';
 
 export interface CompressJob {
   kind?: undefined;
