@@ -84,9 +84,11 @@ test('kill -9 in the middle of convert never leaves a partial file under the tar
     const dir = tmpDir();
     const out = join(dir, 'out.raw');
     const child = spawn(process.execPath, [vmferryBin, 'convert', '-O', 'raw', src, out], { stdio: 'ignore' });
+    // Listened for at once: a convert that finishes before the kill exits before it.
+    const exited = new Promise((r) => child.on('exit', r));
     await new Promise((r) => setTimeout(r, delayMs));
     child.kill('SIGKILL');
-    await new Promise((r) => child.on('exit', r));
+    await exited;
     if (existsSync(out)) {
       // It finished before the kill: then it must be complete.
       assert.equal(run('qemu-img', ['compare', '-f', 'raw', '-F', 'raw', src, out]).code, 0);
@@ -102,12 +104,13 @@ test('SIGINT during convert removes the temp file and exits 130', async () => {
   const dir = tmpDir();
   const out = join(dir, 'out.raw');
   const child = spawn(process.execPath, [vmferryBin, 'convert', '-O', 'raw', realisticRawImage(), out], { stdio: 'ignore' });
+  const exited = new Promise<number | null>((r) => child.on('exit', (c) => r(c)));
   // Interrupt once the output is under way (its temp file exists).
   for (let i = 0; i < 500 && !readdirSync(dir).some((n) => n.includes('.vmferry-tmp-')); i++) {
     await new Promise((r) => setTimeout(r, 2));
   }
   child.kill('SIGINT');
-  const code = await new Promise<number | null>((r) => child.on('exit', (c) => r(c)));
+  const code = await exited;
   if (code === 0) return; // finished first: nothing to check
   assert.equal(code, 130);
   assert.deepEqual(readdirSync(dir), []);
