@@ -1,0 +1,70 @@
+/**
+ * Units that deflate cannot shrink are stored without the search (compress-worker.ts). The
+ * judges: node's zlib (inflate, and the Adler-32 its own deflate writes), and qemu-img for the
+ * images and for how large they should be.
+ */
+import assert from 'node:assert/strict';
+import { statSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { test } from 'node:test';
+import { deflateSync, inflateRawSync, inflateSync } from 'node:zlib';
+import { adler32, looksIncompressible, storedDeflate } from '../../src/convert/compress-worker.js';
+import { qemuImg, tmpDir, vmferry } from '../helpers/index.js';
+import { patternBuffer } from '../helpers/pattern.js';
+
+const KiB = 1024;
+const MiB = 1024 * KiB;
+
+test('stored deflate streams inflate to their input, raw and zlib-wrapped, at any length and alignment', () => {
+  const big = patternBuffer(300 * KiB, 21);
+  for (const at of [0, 1, 2, 3, 4]) {
+    for (const len of [0, 1, 3, 4095, 65535, 65536, 65537, 131070, 200000]) {
+      const data = big.subarray(at, at + len);
+      assert.ok(inflateRawSync(storedDeflate(data, false)).equals(data), `raw ${at}+${len}`);
+      assert.ok(inflateSync(storedDeflate(data, true)).equals(data), `zlib ${at}+${len}`);
+      // zlib's own deflate ends its stream with the Adler-32 of the input.
+      const z = deflateSync(data, { level: 0 });
+      assert.equal(adler32(data), z.readUInt32BE(z.length - 4), `adler32 ${at}+${len}`);
+    }
+  }
+});
+
+test('only units without redundancy are taken as incompressible', () => {
+  const random = patternBuffer(64 * KiB, 22);
+  assert.equal(looksIncompressible(random), true);
+  assert.equal(looksIncompressible(Buffer.alloc(64 * KiB, 'ordinary text, as a file system holds it; ')), false);
+  assert.equal(looksIncompressible(Buffer.alloc(64 * KiB)), false);
+  // Flat byte histogram, but every 4 KiB the same: deflate's matches shrink it to almost nothing.
+  assert.equal(looksIncompressible(Buffer.concat(Array(16).fill(random.subarray(0, 4 * KiB)))), false);
+  // Random bytes with a text half: deflate saves a lot on the half.
+  const half = Buffer.concat([random.subarray(0, 32 * KiB), Buffer.alloc(32 * KiB, 'abc ')]);
+  assert.equal(looksIncompressible(half), false);
+  assert.ok(deflateSync(half).length < 0.6 * half.length);
+  // Too short to judge.
+  assert.equal(looksIncompressible(random.subarray(0, 2 * KiB)), false);
+});
+
+test('incompressible data compresses (qcow2 -c, zlib and zstd; streamOptimized VMDK) to what qemu-img makes of it', () => {
+  const dir = tmpDir('vmferry-incompressible-');
+  const src = join(dir, 'src.raw');
+  // Random data, text, and random data again: both kinds of unit in one image.
+  writeFileSync(
+    src,
+    Buffer.concat([patternBuffer(8 * MiB, 23), Buffer.alloc(4 * MiB, 'text that compresses well; '), patternBuffer(4 * MiB, 24)]),
+  );
+  for (const [name, args] of [
+    ['zlib.qcow2', ['-c', '-O', 'qcow2']],
+    ['zstd.qcow2', ['-c', '-O', 'qcow2', '-o', 'compression_type=zstd']],
+    ['stream.vmdk', ['-O', 'vmdk', '-o', 'subformat=streamOptimized']],
+  ] as const) {
+    const ours = join(dir, `ours-${name}`);
+    const theirs = join(dir, `qemu-${name}`);
+    const r = vmferry('convert', ...args, src, ours);
+    assert.equal(r.code, 0, r.stderr);
+    qemuImg('convert', ...args, src, theirs);
+    qemuImg('compare', '-q', src, ours);
+    qemuImg('check', ours);
+    const ratio = statSync(ours).size / statSync(theirs).size;
+    assert.ok(ratio <= 1.02, `${name}: ${statSync(ours).size} bytes against qemu-img's ${statSync(theirs).size}`);
+  }
+});
