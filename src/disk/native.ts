@@ -1,6 +1,6 @@
 import { createRequire } from 'node:module';
 
-/** The optional C helper (native/): SEEK_DATA/SEEK_HOLE, hole punching, mapped read windows. */
+/** The optional C helper (native/): SEEK_DATA/SEEK_HOLE, hole punching, mapped read windows, copy_file_range. */
 export interface NativeHelper {
   /** Next data (which = 0) or hole (which = 1) offset at or after `offset`; -1 when none. */
   seek(fd: number, offset: number, which: 0 | 1): number;
@@ -12,6 +12,11 @@ export interface NativeHelper {
    * buffer or offset is not page aligned or the kernel refuses (read the ordinary way then).
    */
   mapFile(buffer: Buffer, fd: number, offset: number, length: number): boolean;
+  /**
+   * copy_file_range on the thread pool: [bytes copied, errno]; errno 0 with fewer bytes than asked
+   * means the source ended. The caller writes what is left itself.
+   */
+  copyRange(srcFd: number, srcPos: number, dstFd: number, dstPos: number, length: number): Promise<[number, number]>;
 }
 
 let cached: NativeHelper | null | undefined;

@@ -2,9 +2,11 @@ import { randomBytes } from 'node:crypto';
 import {
   closeSync,
   constants,
+  read as fsRead,
   write as fsWrite,
   fsyncSync,
   ftruncateSync,
+  lstatSync,
   openSync,
   readdirSync,
   renameSync,
@@ -13,6 +15,8 @@ import {
 } from 'node:fs';
 import { basename, dirname, join } from 'node:path';
 import { ioError } from './errors.js';
+import { nativeHelper } from './native.js';
+import { mappedOrigin } from './source.js';
 
 /** Where a writer's bytes go: a file that appears atomically, or a pipe written in order. */
 export interface ByteSink {
@@ -41,6 +45,17 @@ export const CACHE_MODES = ['none', 'writeback', 'writethrough', 'directsync', '
 export type CacheMode = (typeof CACHE_MODES)[number];
 
 let flushOnCommit = true;
+/** Cleared the first time copy_file_range is refused. */
+let copyOffload = true;
+/** A file-to-file copy into bytes [start, end) of an output; `done` never rejects. */
+interface RunningCopy {
+  start: number;
+  end: number;
+  done: Promise<void>;
+}
+
+/** File-to-file copies an output runs at a time (libuv's thread pool has four threads). */
+const MAX_COPIES = 4;
 
 /** Sets the cache mode of every output this process writes from now on (the library default is durable). */
 export function setOutputCacheMode(mode: CacheMode): void {
@@ -62,6 +77,36 @@ function pwrite(fd: number, buf: Buffer, pos: number): Promise<void> {
     };
     step(0);
   });
+}
+
+/** Unlinks `path` when it is a regular file itself (lstat: a symbolic link is left to the rename). */
+function removeRegularFile(path: string): void {
+  try {
+    if (lstatSync(path).isFile()) unlinkSync(path);
+  } catch {
+    // Not there, or not removable: the rename then replaces it or reports why not.
+  }
+}
+
+/**
+ * Copies `length` bytes of file `src` at `srcPos` to `dst` at `dstPos`: copy_file_range, and
+ * where the kernel refuses (another file system, an old kernel) or stops short, a read of the
+ * rest from the source file and a write of it.
+ */
+async function copyFile(src: number, srcPos: number, dst: number, dstPos: number, length: number): Promise<void> {
+  const [copied, errno] = await nativeHelper()!.copyRange(src, srcPos, dst, dstPos, length);
+  if (copied === length) return;
+  if (errno !== 0 && copied === 0) copyOffload = false;
+  const rest = Buffer.allocUnsafe(length - copied);
+  let got = 0;
+  while (got < rest.length) {
+    const n = await new Promise<number>((resolve, reject) =>
+      fsRead(src, rest, got, rest.length - got, srcPos + copied + got, (err, bytes) => (err ? reject(err) : resolve(bytes))),
+    );
+    if (n === 0) throw new Error('the source file ended during the copy');
+    got += n;
+  }
+  await pwrite(dst, rest, dstPos + copied);
 }
 
 /** Whether a process still runs (owners of temp and staging files); EPERM means it does, as another user's. */
@@ -118,6 +163,9 @@ export class AtomicFileSink implements ByteSink {
   readonly tempPath: string;
   private fd: number | null;
   private state: 'open' | 'flushed' | 'committed' | 'aborted' = 'open';
+  /** File-to-file copies still running (see write). */
+  private readonly copies: RunningCopy[] = [];
+  private copyFailure: Error | null = null;
 
   constructor(
     readonly name: string,
@@ -147,6 +195,7 @@ export class AtomicFileSink implements ByteSink {
 
   /** Flushes what was written so far to stable storage and keeps the sink open (checkpoints). */
   async sync(): Promise<void> {
+    await this.drain();
     try {
       fsyncSync(this.descriptor);
     } catch (err) {
@@ -160,7 +209,35 @@ export class AtomicFileSink implements ByteSink {
     return this.fd;
   }
 
+  /**
+   * Bytes a read window maps from a source file go file to file inside the kernel
+   * (copy_file_range): one copy from page cache to page cache, with no page faults on our side.
+   * Such a copy needs nothing of the caller's memory, so write() returns once it is queued and up
+   * to MAX_COPIES run at a time: a copy of a 180 MiB disk spent more time waiting for each of
+   * its 200 copies to come back before starting the next than in the copies themselves. A later
+   * write that overlaps a running copy waits for it; flush, sync, setLength and abort wait for
+   * all; a copy's failure is thrown by the next call.
+   */
   async write(data: Buffer, position: number): Promise<void> {
+    this.throwCopyFailure();
+    const end = position + data.length;
+    for (const c of [...this.copies]) if (c.start < end && position < c.end) await c.done;
+    const origin = copyOffload ? mappedOrigin(data) : null;
+    if (origin) {
+      while (this.copies.length >= MAX_COPIES) await this.copies[0]!.done;
+      const fd = this.descriptor;
+      const copy: RunningCopy = { start: position, end, done: Promise.resolve() };
+      copy.done = copyFile(origin.source.fd, origin.position, fd, position, data.length).then(
+        () => this.copyDone(copy),
+        (err) => {
+          this.copyFailure ??= ioError(err, this.name);
+          this.copyDone(copy);
+        },
+      );
+      this.copies.push(copy);
+      origin.source.holdOpen(copy.done);
+      return;
+    }
     try {
       await pwrite(this.descriptor, data, position);
     } catch (err) {
@@ -168,7 +245,23 @@ export class AtomicFileSink implements ByteSink {
     }
   }
 
+  private copyDone(copy: RunningCopy): void {
+    const i = this.copies.indexOf(copy);
+    if (i >= 0) this.copies.splice(i, 1);
+  }
+
+  /** Waits for every running copy (a writer reading its own file back must first); throws the first failure. */
+  async drain(): Promise<void> {
+    while (this.copies.length > 0) await this.copies[0]!.done;
+    this.throwCopyFailure();
+  }
+
+  private throwCopyFailure(): void {
+    if (this.copyFailure) throw this.copyFailure;
+  }
+
   async setLength(length: number): Promise<void> {
+    await this.drain();
     try {
       ftruncateSync(this.descriptor, length);
     } catch (err) {
@@ -178,6 +271,7 @@ export class AtomicFileSink implements ByteSink {
 
   async flush(): Promise<void> {
     if (this.state !== 'open') return;
+    await this.drain();
     try {
       if (flushOnCommit) fsyncSync(this.descriptor);
       closeSync(this.descriptor);
@@ -193,6 +287,10 @@ export class AtomicFileSink implements ByteSink {
     await this.flush();
     if (this.state !== 'flushed') return;
     try {
+      // Renaming over an existing file makes ext4 (auto_da_alloc) start writing the new file's
+      // dirty pages back inside rename(): 130 ms for a 180 MiB output here. Without a flush
+      // asked for, the old file is removed first, as qemu-img truncates its output at the start.
+      if (!flushOnCommit) removeRegularFile(this.name);
       renameSync(this.tempPath, this.name);
       liveTemps.delete(this.tempPath);
       if (syncDir) syncDirectory(dirname(this.name));
@@ -204,6 +302,8 @@ export class AtomicFileSink implements ByteSink {
 
   async abort(): Promise<void> {
     if (this.state === 'committed' || this.state === 'aborted') return;
+    // The descriptor must outlive the copies writing through it (a reused number would receive them).
+    while (this.copies.length > 0) await this.copies[0]!.done;
     if (this.fd !== null) {
       try {
         closeSync(this.fd);

@@ -20,6 +20,58 @@ function preadOnce(fd: number, buf: Buffer, off: number, len: number, pos: numbe
 /** Memory of the buffers readWindow made: FileSource.read maps file pages into them. */
 const windows = new WeakSet<ArrayBufferLike>();
 
+/** Where a stretch of a window's memory maps a file: bytes [start, end) of the window are the source's at position. */
+interface MappedRange {
+  start: number;
+  end: number;
+  source: FileSource;
+  position: number;
+}
+
+/** The file ranges each window maps since it was last handed out (see forgetMappings). */
+const mappings = new WeakMap<ArrayBufferLike, MappedRange[]>();
+
+/**
+ * Drops what a window is known to map. Its owner calls this before it reuses the window for a new
+ * read: code that writes into a window (a reader filling zeros) does not say so, and a stale
+ * record would name file bytes that are no longer what the memory holds.
+ */
+export function forgetMappings(window: Buffer): void {
+  mappings.delete(window.buffer);
+}
+
+/**
+ * The file bytes `data` (a view of a window) maps, when all of it lies in one range that
+ * FileSource.read mapped since the window's last forgetMappings: an output can then copy them
+ * file to file (copy_file_range) instead of from memory.
+ */
+export function mappedOrigin(data: Buffer): { source: FileSource; position: number } | null {
+  const ranges = mappings.get(data.buffer);
+  if (!ranges) return null;
+  const start = data.byteOffset;
+  const end = start + data.length;
+  for (const r of ranges) {
+    if (r.start <= start && end <= r.end) return { source: r.source, position: r.position + (start - r.start) };
+  }
+  return null;
+}
+
+function recordMapping(into: Buffer, length: number, source: FileSource | null, position: number): void {
+  const start = into.byteOffset;
+  const end = start + length;
+  const kept: MappedRange[] = [];
+  // Whatever part of an earlier range this read does not cover still maps what it did.
+  for (const r of mappings.get(into.buffer) ?? []) {
+    if (r.end <= start || r.start >= end) kept.push(r);
+    else {
+      if (r.start < start) kept.push({ ...r, end: start });
+      if (r.end > end) kept.push({ start: end, end: r.end, source: r.source, position: r.position + (end - r.start) });
+    }
+  }
+  if (source !== null) kept.push({ start, end, source, position });
+  mappings.set(into.buffer, kept);
+}
+
 /**
  * A read buffer for bulk copies. With the native helper, reading a regular file into it maps the
  * file's pages there (copy-on-write) instead of copying them: the data then crosses memory once,
@@ -36,6 +88,8 @@ export function readWindow(length: number): Buffer {
 /** A file opened read-only: a source image is never written to. */
 export class FileSource implements ByteSource {
   private closed = false;
+  /** Copies still reading from the descriptor (an output's copy_file_range): close waits for them. */
+  private readonly users = new Set<Promise<void>>();
   private constructor(
     readonly name: string,
     readonly fd: number,
@@ -62,8 +116,14 @@ export class FileSource implements ByteSource {
     // Only whole-file ranges: a mapped page wholly past the end of the file would fault on access
     // (SIGBUS). For the same reason a source must not be truncated while it is copied, which would
     // make any copy of it wrong anyway.
-    if (into && windows.has(into.buffer) && this.stats.isFile() && position + length <= this.size && length > 0) {
-      if (nativeHelper()!.mapFile(into, this.fd, position, length)) return into.subarray(0, length);
+    if (into && windows.has(into.buffer)) {
+      if (this.stats.isFile() && position + length <= this.size && length > 0) {
+        if (nativeHelper()!.mapFile(into, this.fd, position, length)) {
+          recordMapping(into, length, this, position);
+          return into.subarray(0, length);
+        }
+      }
+      recordMapping(into, length, null, 0);
     }
     const buf = into ?? Buffer.allocUnsafe(length);
     let done = 0;
@@ -80,9 +140,17 @@ export class FileSource implements ByteSource {
     return buf;
   }
 
+  /** Keeps the descriptor open until `work` (which must not reject) is done with it. */
+  holdOpen(work: Promise<void>): void {
+    this.users.add(work);
+    work.then(() => this.users.delete(work));
+  }
+
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
+    // A closed number could be reused by the next open, and a copy would read that file instead.
+    while (this.users.size > 0) await Promise.all(this.users);
     closeSync(this.fd);
   }
 }
