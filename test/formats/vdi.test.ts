@@ -258,3 +258,28 @@ test('options: unknown -o refused, preallocation needs static, dynamic VDI to a 
   assert.ok(allocatedBytes(full) >= 3 * MiB, 'preallocation=full writes every block');
   assert.equal(run('qemu-img', ['check', '-f', 'vdi', full]).code, 0);
 });
+
+test('zero() clears blocks that hold data and skips free ones, on a sparse 1 TiB disk too', async () => {
+  const dir = tmpDir();
+  const out = join(dir, 'z.vdi');
+  const size = 1024 * 1024 * MiB;
+  const w = await vdiDriver.create!(out, size, { options: {} });
+  const data = Buffer.alloc(2 * MiB, 0x6b);
+  await w.write(0, data);
+  await w.write(size - MiB, data.subarray(0, MiB));
+  await w.zero(512 * 1024, size - MiB - 512 * 1024); // from inside block 0 up to the last block
+  await w.finish();
+  assert.equal(run('qemu-img', ['check', '-f', 'vdi', out]).code, 0);
+  const headAndTail = (skipMiB: number) => {
+    const part = join(dir, `part-${skipMiB}.raw`);
+    qemuImg('dd', '-f', 'vdi', '-O', 'raw', `if=${out}`, `of=${part}`, 'bs=1M', `skip=${skipMiB}`, 'count=2');
+    return readFileSync(part);
+  };
+  const head = headAndTail(0);
+  assert.ok(head.subarray(0, 512 * 1024).every((b) => b === 0x6b));
+  assert.ok(head.subarray(512 * 1024).every((b) => b === 0));
+  // The last block was not in the zeroed range: its data stays.
+  const tail = headAndTail(1024 * 1024 - 2);
+  assert.ok(tail.subarray(0, MiB).every((b) => b === 0));
+  assert.ok(tail.subarray(MiB).every((b) => b === 0x6b));
+});

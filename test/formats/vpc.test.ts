@@ -391,3 +391,23 @@ test('options: unknown -o refused, bad subformat refused, dynamic to a pipe refu
   // '-' is standard output: a pipe cannot take a dynamic VHD (its BAT precedes the data).
   await assert.rejects(vpcDriver.create!('-', MiB, { options: {} }), UnsupportedFeatureError);
 });
+
+test('zero() over data already written into a block clears it, and skips what was never written', async () => {
+  const dir = tmpDir();
+  const out = join(dir, 'z.vhd');
+  const w = await vpcDriver.create!(out, 8 * MiB, { options: {} });
+  const data = Buffer.alloc(3 * MiB, 0x5a);
+  await w.write(0, data.subarray(0, 1536 * 1024)); // 1.5 MiB of block 0
+  await w.write(2 * MiB + 512, data.subarray(0, 4096)); // a sliver of block 1
+  await w.zero(MiB, 2 * MiB); // the second half of the data in block 0, and the sliver
+  await w.write(5 * MiB, data.subarray(0, 65536));
+  await w.zero(4 * MiB, MiB); // never written: nothing to do
+  await w.finish();
+  const raw = join(dir, 'z.raw');
+  qemuImg('convert', '-f', 'vpc', '-O', 'raw', out, raw);
+  const got = readFileSync(raw);
+  const expected = Buffer.alloc(got.length);
+  data.copy(expected, 0, 0, MiB);
+  data.copy(expected, 5 * MiB, 0, 65536);
+  assert.ok(got.subarray(0, 8 * MiB).equals(expected.subarray(0, 8 * MiB)));
+});

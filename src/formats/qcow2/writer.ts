@@ -563,6 +563,17 @@ export class Qcow2Writer implements DiskWriter {
         continue;
       }
       const i = cluster % this.layout.l2Entries;
+      if (existing && !this.hasBacking) {
+        // Only clusters holding data need work: skip to the next one in this table (a tight scan,
+        // as a table with one piece of data in it is mostly followed by zeros up to its end).
+        const last = Math.min(this.layout.l2Entries, Math.ceil(end / cs) - l1Index * this.layout.l2Entries);
+        let j = i;
+        while (j < last && existing.kind[j] !== KIND_DATA && existing.kind[j] !== KIND_COMPRESSED) j++;
+        if (j > i) {
+          pos = Math.min(end, (l1Index * this.layout.l2Entries + j) * cs);
+          continue;
+        }
+      }
       const kind = existing ? existing.kind[i]! : KIND_UNALLOCATED;
       if (kind === KIND_DATA && !existing!.alloc) {
         // Already holds data: overwrite with real zeros.
@@ -644,6 +655,8 @@ export class Qcow2Writer implements DiskWriter {
         host = this.cs * (1 + cluster);
       } else {
         kind = t!.kind[i]!;
+        // Most entries of a sparse disk's tables: nothing to encode (the buffer is zeros).
+        if (kind === KIND_UNALLOCATED && !extL2) continue;
         host = t!.host[i]!;
       }
       if (kind === KIND_DATA) {

@@ -218,10 +218,22 @@ export class VdiWriter implements DiskWriter {
       return;
     }
     // Free blocks read as zeros; only blocks already holding data need explicit zeros.
+    const end = offset + length;
     let pos = offset;
-    while (pos < offset + length) {
+    while (pos < end) {
       const block = Math.floor(pos / BS);
-      const n = Math.min(offset + length - pos, (block + 1) * BS - pos);
+      const p = Math.floor(block / PAGE_ENTRIES);
+      const page = this.pages.get(p);
+      // Free blocks are skipped in a tight scan of the map (a sparse terabyte is a million blocks).
+      let next = block;
+      const stop = Math.min((p + 1) * PAGE_ENTRIES, Math.ceil(end / BS));
+      if (!page) next = stop;
+      else while (next < stop && page[next - p * PAGE_ENTRIES] === BLOCK_FREE) next++;
+      if (next > block) {
+        pos = Math.min(end, next * BS);
+        continue;
+      }
+      const n = Math.min(end - pos, (block + 1) * BS - pos);
       if (this.entry(block) !== BLOCK_FREE) await this.writeZeros(pos, n);
       pos += n;
     }

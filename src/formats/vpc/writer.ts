@@ -45,6 +45,8 @@ class NullSink implements ByteSink {
 
 /** Granularity of differencing writes: 8 sectors, one byte of the sector bitmap. */
 const GRAIN = 4096;
+/** The granularity of VpcWriter.written: 32 units per 2 MiB block. */
+const WRITTEN_UNIT = DEFAULT_BLOCK_SIZE / 32;
 
 interface Plan {
   diskType: number;
@@ -81,6 +83,12 @@ export class VpcWriter implements DiskWriter {
   readonly sequentialOnly: boolean;
   readonly virtualSize: number;
   private readonly bat: Uint32Array;
+  /**
+   * Per allocated block, one bit per 64 KiB that was ever written: a block is allocated past the
+   * end of the file, so the rest of it reads as zeros already and zero() need not write there
+   * (a 1 MiB piece of data at the start of a block otherwise costs 1 MiB of written zeros).
+   */
+  private readonly written: Uint32Array;
   private readonly bitmapBytes: number;
   private readonly fullBitmap: Buffer;
   private readonly bitmaps = new Map<number, Buffer>();
@@ -104,6 +112,7 @@ export class VpcWriter implements DiskWriter {
     this.clusterSize = dynamic ? DEFAULT_BLOCK_SIZE : 4096;
     const entries = dynamic ? Math.ceil(plan.size / DEFAULT_BLOCK_SIZE) : 0;
     this.bat = new Uint32Array(entries).fill(BAT_UNUSED);
+    this.written = new Uint32Array(entries);
     this.bitmapBytes = bitmapSize(DEFAULT_BLOCK_SIZE);
     this.fullBitmap = Buffer.alloc(this.bitmapBytes, 0xff);
     let next = BAT_OFFSET + Math.ceil((entries * 4) / SECTOR) * SECTOR;
@@ -239,7 +248,15 @@ export class VpcWriter implements DiskWriter {
         if (fresh && inBlock % GRAIN === 0 && n % GRAIN === 0) this.markSectors(block, inBlock, n);
         else await this.writeZeros(pos, n, (p, b) => this.writeInBlock(block, p - block * DEFAULT_BLOCK_SIZE, b));
       } else if (allocated) {
-        await this.writeZeros(pos, n, (p, b) => this.writeInBlock(block, p - block * DEFAULT_BLOCK_SIZE, b));
+        // Only over what was written: the rest of an allocated block reads as zeros already.
+        for (let u = Math.floor(inBlock / WRITTEN_UNIT); u * WRITTEN_UNIT < inBlock + n; u++) {
+          if (!((this.written[block]! >>> u) & 1)) continue;
+          const from = Math.max(inBlock, u * WRITTEN_UNIT);
+          const to = Math.min(inBlock + n, (u + 1) * WRITTEN_UNIT);
+          await this.writeZeros(block * DEFAULT_BLOCK_SIZE + from, to - from, (p, b) =>
+            this.writeInBlock(block, p - block * DEFAULT_BLOCK_SIZE, b),
+          );
+        }
       }
       pos += n;
     }
@@ -309,6 +326,8 @@ export class VpcWriter implements DiskWriter {
     const floor = plan.diskType === DISK_FIXED ? 0 : probe.firstBlockSector * SECTOR;
     const w = new VpcWriter(adoptMarked(path, s, floor, 'vpc'), plan);
     w.bat.set(probe.bat);
+    // What a killed run wrote into its blocks is not known: all of them count as written.
+    for (const [first, count] of probe.order) w.written.fill(0xffffffff, first, first + count);
     w.order.push(...probe.order);
     w.nextSector = probe.nextSector;
     return w;
@@ -320,6 +339,11 @@ export class VpcWriter implements DiskWriter {
 
   private async writeInBlock(block: number, inBlock: number, data: Buffer): Promise<void> {
     if (this.bat[block] === BAT_UNUSED) await this.allocate(block);
+    if (data.length > 0) {
+      const last = Math.floor((inBlock + data.length - 1) / WRITTEN_UNIT);
+      for (let u = Math.floor(inBlock / WRITTEN_UNIT); u <= last; u++)
+        this.written[block] = (this.written[block]! | (1 << u)) >>> 0;
+    }
     const base = this.blockDataPos(block);
     if (this.plan.diskType !== DISK_DIFFERENCING || (inBlock % GRAIN === 0 && data.length % GRAIN === 0)) {
       await this.sink.write(data, base + inBlock);
@@ -348,6 +372,7 @@ export class VpcWriter implements DiskWriter {
     const present = bm === FULL || (bm !== undefined && ((bm[s >> 3]! >> (7 - (s & 7))) & 1) === 1);
     if (present) {
       if (!(this.sink instanceof AtomicFileSink)) throw new VmferryError('cannot read back a sector from a pipe', this.sink.name);
+      await this.sink.drain();
       this.readBackFd ??= openSync(this.sink.tempPath, 'r');
       readSync(this.readBackFd, out, 0, SECTOR, this.blockDataPos(block) + inBlock);
       return;
