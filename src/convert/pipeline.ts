@@ -3,7 +3,7 @@ import { flatExtents } from '../disk/chain.js';
 import { forgetMappings, readWindow } from '../disk/source.js';
 import type { CompressedUnit, DiskReader, DiskWriter, Extent } from '../disk/types.js';
 import { isZero } from '../disk/zero.js';
-import { CompressPool } from './compress-pool.js';
+import type { CompressPool } from './compress-pool.js';
 
 export interface CopyProgress {
   /** Guest bytes dealt with so far (zero ranges count as soon as they are recorded). */
@@ -80,14 +80,20 @@ export async function copyDisk(reader: DiskReader, writer: DiskWriter, options: 
   const compressing = writer.compression !== undefined && writer.writeCompressed !== undefined;
   const wanted = options.chunkSize ?? (compressing ? DEFAULT_COMPRESS_CHUNK : DEFAULT_CHUNK);
   const chunk = Math.max(unit, Math.floor(wanted / unit) * unit);
-  // Created on first use (a source without compressed units may never need it), but at once for
-  // a compressing writer: the workers then start while the first chunks are read.
+  // Created on first use (a source without compressed units may never need it; a plain copy
+  // does not even load worker_threads), but at once for a compressing writer: the workers then
+  // start while the first chunks are read.
   let pool: CompressPool | null = options.pool ?? null;
-  const getPool = (): CompressPool => {
-    pool ??= new CompressPool();
-    return pool;
+  let starting: Promise<CompressPool> | null = null;
+  const getPool = (): Promise<CompressPool> => {
+    if (pool) return Promise.resolve(pool);
+    starting ??= import('./compress-pool.js').then((m) => {
+      pool = new m.CompressPool();
+      return pool;
+    });
+    return starting;
   };
-  if (compressing) getPool();
+  if (compressing) getPool().catch(() => {});
   // Read buffers are reused (writers give them back when write() resolves): fresh memory for
   // every chunk costs page faults, and the collector lets hundreds of megabytes of it pile up.
   const free: Buffer[] = [];
@@ -118,7 +124,7 @@ export async function copyDisk(reader: DiskReader, writer: DiskWriter, options: 
     if (reader.readPacked) {
       const units = await reader.readPacked(piece.offset, piece.length, buffer.subarray(0, piece.length));
       // The decoded chunk is the same memory, back from the worker.
-      if (units.length > 0) buffer = await getPool().decompress(buffer, piece.offset, units);
+      if (units.length > 0) buffer = await (await getPool()).decompress(buffer, piece.offset, units);
     } else await reader.read(piece.offset, piece.length, buffer.subarray(0, piece.length));
     const data = buffer.subarray(0, piece.length);
     const base = baseline ? await readBaseline(baseline, piece.offset, piece.length) : null;
@@ -134,7 +140,7 @@ export async function copyDisk(reader: DiskReader, writer: DiskWriter, options: 
         ranges.push([s, nextBoundary(piece.offset, s, unit, r.end)]);
     }
     // The whole buffer travels (its own memory, so it moves to the worker instead of being copied).
-    const { chunk: back, outputs, output } = await getPool().compress(writer.compression!, buffer, ranges);
+    const { chunk: back, outputs, output } = await (await getPool()).compress(writer.compression!, buffer, ranges);
     const ops: WriteOp[] = [];
     let k = 0;
     for (const r of runs) {
@@ -189,7 +195,11 @@ export async function copyDisk(reader: DiskReader, writer: DiskWriter, options: 
       options.onProgress?.({ done, total: reader.virtualSize });
     }
   } finally {
-    if (pool && !options.pool) await pool.close();
+    if (!options.pool) {
+      // A pool still starting is closed once it has started.
+      const started = pool ?? (starting ? await starting.catch(() => null) : null);
+      await started?.close();
+    }
   }
   return stats;
 }

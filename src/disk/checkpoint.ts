@@ -3,9 +3,9 @@
  * digest of its last stable bytes (ties the state to this very file), and a seal over the whole
  * state (a state edited by hand or damaged on disk is refused instead of producing a broken image).
  */
-import { createHash } from 'node:crypto';
 import { closeSync, fstatSync, openSync, readSync } from 'node:fs';
 import { basename, dirname } from 'node:path';
+import { nodeCrypto } from './builtins.js';
 import { ioError, UsageError } from './errors.js';
 import { AtomicFileSink, type ByteSink } from './sink.js';
 
@@ -28,7 +28,7 @@ function sampleDigest(fd: number, from: number, to: number): string {
     if (n === 0) break;
     got += n;
   }
-  return createHash('sha256').update(buf.subarray(0, got)).digest('hex');
+  return nodeCrypto().createHash('sha256').update(buf.subarray(0, got)).digest('hex');
 }
 
 /**
@@ -53,7 +53,7 @@ export async function markFile(sink: ByteSink, floor: number, what: string): Pro
 
 function canonical(state: Record<string, unknown>): string {
   const { seal: _seal, ...rest } = state;
-  return createHash('sha256').update(JSON.stringify(rest)).digest('hex');
+  return nodeCrypto().createHash('sha256').update(JSON.stringify(rest)).digest('hex');
 }
 
 /** The state with its seal added (JSON round trips keep key order, so the seal survives them). */

@@ -1,4 +1,3 @@
-import { randomBytes } from 'node:crypto';
 import {
   closeSync,
   constants,
@@ -65,6 +64,16 @@ export function setOutputCacheMode(mode: CacheMode): void {
 const TEMP_MARK = '.vmferry-tmp-';
 const TEMP_PATTERN = /\.vmferry-tmp-(\d+)-[0-9a-f]+$/;
 const liveTemps = new Set<string>();
+
+/**
+ * 32 random bits in hex for a temp name. Not node:crypto (8 ms of start-up): the name only has to
+ * differ from a temp left by a dead process that had the same pid, and O_EXCL refuses a clash.
+ */
+function tempSuffix(): string {
+  return Math.floor(Math.random() * 0x100000000)
+    .toString(16)
+    .padStart(8, '0');
+}
 
 function pwrite(fd: number, buf: Buffer, pos: number): Promise<void> {
   return new Promise((resolve, reject) => {
@@ -177,7 +186,7 @@ export class AtomicFileSink implements ByteSink {
       sweptDirs.add(dir);
       removeStaleTemps(dir);
     }
-    this.tempPath = join(dir, `.${basename(name)}${TEMP_MARK}${process.pid}-${randomBytes(4).toString('hex')}`);
+    this.tempPath = join(dir, `.${basename(name)}${TEMP_MARK}${process.pid}-${tempSuffix()}`);
     try {
       if (adopt) {
         // Renamed to this process's temp name first, so no stale-temp sweep can remove it.

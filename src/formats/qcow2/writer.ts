@@ -1,5 +1,5 @@
 import { dirname, isAbsolute, resolve as resolvePath } from 'node:path';
-import { deflateRawSync, constants as zc } from 'node:zlib';
+import { nodeZlib } from '../../disk/builtins.js';
 import { UsageError, VmferryError } from '../../disk/errors.js';
 import { checkKnownOptions, parseBoolOption, parseSize } from '../../disk/options.js';
 import { openImage } from '../../disk/registry.js';
@@ -115,7 +115,7 @@ export function parseCreateOptions(virtualSize: number, options: CreateOptions, 
 export function qcow2Codec(type: number): CodecSpec {
   return type === COMPRESSION_ZSTD
     ? { codec: 'zstd' }
-    : { codec: 'deflate-raw', windowBits: 12, memLevel: 9, level: zc.Z_DEFAULT_COMPRESSION };
+    : { codec: 'deflate-raw', windowBits: 12, memLevel: 9, level: -1 /* Z_DEFAULT_COMPRESSION */ };
 }
 
 /** Compresses one cluster as qemu does; null when it does not shrink below a cluster. Pure. */
@@ -124,7 +124,7 @@ export function compressCluster(data: Buffer, clusterSize: number, type: number)
   const out =
     spec.codec === 'zstd'
       ? zstd().compress(data)
-      : deflateRawSync(data, { windowBits: spec.windowBits, memLevel: spec.memLevel, level: spec.level });
+      : nodeZlib().deflateRawSync(data, { windowBits: spec.windowBits, memLevel: spec.memLevel, level: spec.level });
   return out.length < clusterSize ? out : null;
 }
 

@@ -3,7 +3,8 @@
  * and items, BAT entries, parent locator, log entries. All little-endian. Every field is checked
  * against the specification's bounds and the file's size before it sizes anything.
  */
-import { randomBytes } from 'node:crypto';
+
+import { nodeCrypto } from '../../disk/builtins.js';
 import { CorruptImageError, UnsupportedFeatureError } from '../../disk/errors.js';
 import { crc32cWithZeroField, stampCrc32c } from './crc32c.js';
 
@@ -93,7 +94,7 @@ export function parseGuidText(text: string): string | null {
 
 /** A random (version 4) GUID. */
 export function randomGuid(): string {
-  const b = randomBytes(16);
+  const b = nodeCrypto().randomBytes(16);
   b[6] = (b[6]! & 0x0f) | 0x40;
   b[8] = (b[8]! & 0x3f) | 0x80;
   const h = b.toString('hex');

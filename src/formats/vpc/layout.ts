@@ -3,7 +3,8 @@
  * parent locators and the block allocation table. All fields are big-endian.
  * Field meanings follow Microsoft's "Virtual Hard Disk Image Format Specification".
  */
-import { randomBytes } from 'node:crypto';
+
+import { nodeCrypto } from '../../disk/builtins.js';
 import { CorruptImageError, UnsupportedFeatureError } from '../../disk/errors.js';
 
 export const SECTOR = 512;
@@ -352,7 +353,7 @@ export function bitmapSize(blockSize: number): number {
 }
 
 export function newUniqueId(): Buffer {
-  const id = randomBytes(16);
+  const id = nodeCrypto().randomBytes(16);
   id[6] = (id[6]! & 0x0f) | 0x40;
   id[8] = (id[8]! & 0x3f) | 0x80;
   return id;
