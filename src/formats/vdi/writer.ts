@@ -17,6 +17,7 @@ import {
 } from './layout.js';
 
 const PAGE_ENTRIES = 16384;
+const LITTLE_ENDIAN_HOST = new Uint8Array(Uint32Array.of(1).buffer)[0] === 1;
 const BS = DEFAULT_BLOCK_SIZE;
 
 /** Runs of guest blocks [first, count] in the order they were given file slots 0, 1, 2, ... */
@@ -277,6 +278,9 @@ export class VdiWriter implements DiskWriter {
       if (this.isStatic) {
         for (let i = 0; i < count; i++) buf.writeUInt32LE(first + i, i * 4);
         out = buf;
+      } else if (page && LITTLE_ENDIAN_HOST) {
+        // The page's own bytes are the on-disk little-endian entries (a million entries per TiB).
+        out = Buffer.from(page.buffer, page.byteOffset, page.byteLength);
       } else if (page) {
         for (let i = 0; i < count; i++) buf.writeUInt32LE(page[i]!, i * 4);
         out = buf;
