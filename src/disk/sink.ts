@@ -1,7 +1,6 @@
 import {
   closeSync,
   constants,
-  read as fsRead,
   write as fsWrite,
   fsyncSync,
   ftruncateSync,
@@ -15,7 +14,7 @@ import {
 import { basename, dirname, join } from 'node:path';
 import { ioError } from './errors.js';
 import { nativeHelper } from './native.js';
-import { mappedOrigin } from './source.js';
+import { mappedOrigin, preadOnce } from './source.js';
 
 /** Where a writer's bytes go: a file that appears atomically, or a pipe written in order. */
 export interface ByteSink {
@@ -109,9 +108,7 @@ async function copyFile(src: number, srcPos: number, dst: number, dstPos: number
   const rest = Buffer.allocUnsafe(length - copied);
   let got = 0;
   while (got < rest.length) {
-    const n = await new Promise<number>((resolve, reject) =>
-      fsRead(src, rest, got, rest.length - got, srcPos + copied + got, (err, bytes) => (err ? reject(err) : resolve(bytes))),
-    );
+    const n = await preadOnce(src, rest, got, rest.length - got, srcPos + copied + got);
     if (n === 0) throw new Error('the source file ended during the copy');
     got += n;
   }
@@ -311,8 +308,9 @@ export class AtomicFileSink implements ByteSink {
 
   async abort(): Promise<void> {
     if (this.state === 'committed' || this.state === 'aborted') return;
-    // The descriptor must outlive the copies writing through it (a reused number would receive them).
-    while (this.copies.length > 0) await this.copies[0]!.done;
+    // The descriptor must outlive the copies writing through it (a reused number would receive them);
+    // their failure no longer matters.
+    await this.drain().catch(() => {});
     if (this.fd !== null) {
       try {
         closeSync(this.fd);

@@ -11,7 +11,8 @@ export interface ByteSource {
   close(): Promise<void>;
 }
 
-function preadOnce(fd: number, buf: Buffer, off: number, len: number, pos: number): Promise<number> {
+/** One pread on the thread pool: the number of bytes read (0 at the end of the file). */
+export function preadOnce(fd: number, buf: Buffer, off: number, len: number, pos: number): Promise<number> {
   return new Promise((resolve, reject) => {
     fsRead(fd, buf, off, len, pos, (err, n) => (err ? reject(err) : resolve(n)));
   });
