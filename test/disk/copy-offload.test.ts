@@ -92,10 +92,10 @@ function copiesDuring(dir: string, args: string[]): number {
   const log = join(dir, 'copies.strace');
   const r = run('strace', ['-f', '-qq', '-e', 'trace=copy_file_range', '-o', log, process.execPath, vmferryBin, ...args]);
   assert.equal(r.code, 0, r.stderr);
+  // A call that overlaps another thread's is logged in two lines ("<unfinished ...>", then
+  // "<... copy_file_range resumed> ... = N"): the result is on the second.
   return readFileSync(log, 'utf8')
     .split('\n')
-    // A call that overlaps another thread's is logged in two lines ("<unfinished ...>", then
-    // "<... copy_file_range resumed> ... = N"): the result is on the second.
     .filter((l) => /\bcopy_file_range\b.*= [1-9]\d*$/.test(l)).length;
 }
 
