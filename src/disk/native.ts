@@ -1,6 +1,6 @@
 import { createRequire } from 'node:module';
 
-/** The optional C helper (native/): SEEK_DATA/SEEK_HOLE, hole punching, mapped read windows, copy_file_range. */
+/** The optional C helper (native/): SEEK_DATA/SEEK_HOLE, hole punching, mapped read windows, copy_file_range, preallocation. */
 export interface NativeHelper {
   /** Next data (which = 0) or hole (which = 1) offset at or after `offset`; -1 when none. */
   seek(fd: number, offset: number, which: 0 | 1): number;
@@ -17,6 +17,11 @@ export interface NativeHelper {
    * means the source ended. The caller writes what is left itself.
    */
   copyRange(srcFd: number, srcPos: number, dstFd: number, dstPos: number, length: number): Promise<[number, number]>;
+  /**
+   * Allocates the whole blocks of a range about to be overwritten as unwritten extents (reading as
+   * zero), so the write does not reserve delayed allocation page by page. Best effort.
+   */
+  preallocate(fd: number, offset: number, length: number): void;
 }
 
 let cached: NativeHelper | null | undefined;

@@ -52,6 +52,9 @@ interface RunningCopy {
   done: Promise<void>;
 }
 
+/** Writes from memory at least this long first preallocate their blocks (the native copies always do). */
+const PREALLOCATE_FROM = 1 << 20;
+
 /** File-to-file copies an output runs at a time (libuv's thread pool has four threads). */
 const MAX_COPIES = 4;
 
@@ -245,6 +248,7 @@ export class AtomicFileSink implements ByteSink {
       return;
     }
     try {
+      if (data.length >= PREALLOCATE_FROM) nativeHelper()?.preallocate(this.descriptor, position, data.length);
       await pwrite(this.descriptor, data, position);
     } catch (err) {
       throw ioError(err, this.name);
