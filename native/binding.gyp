@@ -3,7 +3,8 @@
     {
       "target_name": "vmferry_native",
       "sources": ["vmferry_native.c"],
-      "cflags": ["-O2", "-Wall"]
+      "cflags": ["-O2", "-Wall"],
+      "libraries": ["-lm"]
     }
   ]
 }

@@ -6,6 +6,7 @@ import { setFlagsFromString } from 'node:v8';
 import { runInNewContext } from 'node:vm';
 import { parentPort } from 'node:worker_threads';
 import { deflateRawSync, deflateSync, inflateRawSync, inflateSync } from 'node:zlib';
+import { nativeHelper } from '../disk/native.js';
 import type { CodecSpec, PackedCodec } from '../disk/types.js';
 // Loaded on first use (zstd jobs only): its native binding would add to every worker's start-up.
 import { zstd } from '../disk/zstd.js';
@@ -117,7 +118,11 @@ const seenAt = new Int32Array(4096);
  * repeated content even where the byte histogram is flat). Such units are stored (see
  * storedDeflate) instead of being searched for matches at about 45 MB/s per core for nothing.
  */
-export function looksIncompressible(data: Buffer): boolean {
+export const looksIncompressible: (data: Buffer) => boolean =
+  nativeHelper()?.looksIncompressible ?? looksIncompressibleJs;
+
+/** looksIncompressible where the native helper is not built (and the reference its test holds it to). */
+export function looksIncompressibleJs(data: Buffer): boolean {
   const n = data.length;
   if (n < 4096) return false;
   histogram.fill(0);

@@ -22,6 +22,8 @@ export interface NativeHelper {
    * zero), so the write does not reserve delayed allocation page by page. Best effort.
    */
   preallocate(fd: number, offset: number, length: number): void;
+  /** compress-worker.ts's looksIncompressible in C. */
+  looksIncompressible(data: Buffer): boolean;
 }
 
 let cached: NativeHelper | null | undefined;

@@ -7,8 +7,9 @@ import assert from 'node:assert/strict';
 import { statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { test } from 'node:test';
-import { deflateSync, inflateRawSync, inflateSync } from 'node:zlib';
-import { adler32, looksIncompressible, storedDeflate } from '../../src/convert/compress-worker.js';
+import { deflateSync, gzipSync, inflateRawSync, inflateSync } from 'node:zlib';
+import { adler32, looksIncompressible, looksIncompressibleJs, storedDeflate } from '../../src/convert/compress-worker.js';
+import { nativeHelper } from '../../src/disk/native.js';
 import { qemuImg, tmpDir, vmferry } from '../helpers/index.js';
 import { patternBuffer } from '../helpers/pattern.js';
 
@@ -42,6 +43,36 @@ test('only units without redundancy are taken as incompressible', () => {
   assert.ok(deflateSync(half).length < 0.6 * half.length);
   // Too short to judge.
   assert.equal(looksIncompressible(random.subarray(0, 2 * KiB)), false);
+});
+
+test('the native check decides as the JavaScript one, at every length and alignment', () => {
+  const native = nativeHelper();
+  assert.ok(native, 'the native helper is built by npm ci');
+  const random = patternBuffer(256 * KiB, 25);
+  const text = Buffer.alloc(256 * KiB, 'a line of a log file, 2026-11-26 10:00:00 INFO ok\n');
+  const inputs = [
+    random,
+    text,
+    gzipSync(text),
+    gzipSync(patternBuffer(200 * KiB, 26)),
+    Buffer.concat([random.subarray(0, 128 * KiB), text.subarray(0, 128 * KiB)]),
+    Buffer.concat(Array(16).fill(random.subarray(0, 4 * KiB))),
+    Buffer.alloc(64 * KiB),
+  ];
+  let incompressible = 0;
+  for (const input of inputs) {
+    for (const at of [0, 1, 3, 61]) {
+      for (const len of [4095, 4096, 65536, 65537, 200 * KiB]) {
+        const data = input.subarray(at, at + len);
+        const js = looksIncompressibleJs(data);
+        assert.equal(native.looksIncompressible(data), js, `input ${inputs.indexOf(input)} at ${at} length ${data.length}`);
+        if (js) incompressible++;
+      }
+    }
+  }
+  // Both answers occur, so the comparison covers both branches.
+  assert.ok(incompressible > 10);
+  assert.equal(looksIncompressible, native.looksIncompressible);
 });
 
 test('incompressible data compresses (qcow2 -c, zlib and zstd; streamOptimized VMDK) to what qemu-img makes of it', () => {
