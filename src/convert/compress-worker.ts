@@ -213,6 +213,8 @@ export function adler32(data: Buffer): number {
   return ((b << 16) | a) >>> 0;
 }
 
+const EMPTY = Buffer.alloc(0);
+
 function compressOne(spec: CodecSpec, data: Buffer): Buffer {
   switch (spec.codec) {
     case 'deflate-raw':
@@ -222,6 +224,7 @@ function compressOne(spec: CodecSpec, data: Buffer): Buffer {
       if (looksIncompressible(data)) return storedDeflate(data, true);
       return deflateSync(data, { level: spec.level, windowBits: spec.windowBits ?? 15, memLevel: spec.memLevel ?? 8 });
     case 'zstd':
+      if (spec.passIncompressible && looksIncompressible(data)) return EMPTY;
       return zstd().compress(data, spec.level === undefined ? undefined : { compressionLevel: spec.level });
   }
 }

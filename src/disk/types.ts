@@ -85,6 +85,13 @@ export interface PackedUnit {
 export interface CodecSpec {
   /** deflate-raw: qcow2's zlib clusters; zlib: VMDK grains; zstd: qcow2's zstd clusters. */
   codec: 'deflate-raw' | 'zlib' | 'zstd';
+  /**
+   * A unit that looks incompressible (compress-worker.ts) comes back empty, meaning "store it raw",
+   * instead of as a zstd frame, which is never empty: for writers that store a unit raw when its
+   * packed form does not shrink below it, as qcow2 does; a zstd frame of such data is a little
+   * larger than the data, so only the time spent on it changes.
+   */
+  passIncompressible?: boolean;
   level?: number;
   windowBits?: number;
   memLevel?: number;
@@ -96,7 +103,7 @@ export interface CompressedUnit {
   offset: number;
   /** The unit's bytes as read (for writers that store a unit raw when it does not shrink). */
   raw: Buffer;
-  /** `raw` compressed with the writer's codec. */
+  /** `raw` compressed with the writer's codec; empty for a unit passed on as incompressible. */
   packed: Buffer;
 }
 

@@ -114,7 +114,7 @@ export function parseCreateOptions(virtualSize: number, options: CreateOptions, 
  */
 export function qcow2Codec(type: number): CodecSpec {
   return type === COMPRESSION_ZSTD
-    ? { codec: 'zstd' }
+    ? { codec: 'zstd', passIncompressible: true }
     : { codec: 'deflate-raw', windowBits: 12, memLevel: 9, level: -1 /* Z_DEFAULT_COMPRESSION */ };
 }
 
@@ -435,7 +435,7 @@ export class Qcow2Writer implements DiskWriter {
       // qemu compresses the last, short cluster padded with zeros to a whole one.
       const packed =
         clusterLen === cs
-          ? u.packed.length < cs
+          ? u.packed.length > 0 && u.packed.length < cs
             ? u.packed
             : null
           : compressCluster(Buffer.concat([raw, Buffer.alloc(cs - clusterLen)]), cs, this.layout.compressionType);
