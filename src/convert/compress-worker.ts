@@ -118,8 +118,7 @@ const seenAt = new Int32Array(4096);
  * repeated content even where the byte histogram is flat). Such units are stored (see
  * storedDeflate) instead of being searched for matches at about 45 MB/s per core for nothing.
  */
-export const looksIncompressible: (data: Buffer) => boolean =
-  nativeHelper()?.looksIncompressible ?? looksIncompressibleJs;
+export const looksIncompressible: (data: Buffer) => boolean = nativeHelper()?.looksIncompressible ?? looksIncompressibleJs;
 
 /** looksIncompressible where the native helper is not built (and the reference its test holds it to). */
 export function looksIncompressibleJs(data: Buffer): boolean {
