@@ -22,6 +22,8 @@ export interface NativeHelper {
    * zero), so the write does not reserve delayed allocation page by page. Best effort.
    */
   preallocate(fd: number, offset: number, length: number): void;
+  /** 1 when the file's bytes [position, position + length) are all zero, 0 when not, -1 when unreadable. */
+  zeroAt(fd: number, position: number, length: number): number;
   /** compress-worker.ts's looksIncompressible in C. */
   looksIncompressible(data: Buffer): boolean;
 }

@@ -76,3 +76,42 @@ test('writing into a mapped window changes neither the source file nor later rea
     await src.close();
   }
 });
+
+test('zeroAt tells zero file ranges from data anywhere in them, and unreadable ones', async () => {
+  const native = nativeHelper()!;
+  const size = 512 * 1024;
+  const content = Buffer.alloc(size);
+  // One non-zero byte in each of these places: the first 4 KiB read, the later large reads, the
+  // last byte, and a byte whose 64-byte step is only partly inside the range asked about.
+  const marks = [17, 4096, 70000, 200000, size - 1];
+  for (const m of marks) content[m] = 0x5a;
+  const path = join(tmpDir('vmferry-zero-at-'), 'zeros.raw');
+  writeFileSync(path, content);
+  const src = FileSource.open(path);
+  try {
+    // Every range is judged against the bytes node's readFileSync sees.
+    const bytes = readFileSync(path);
+    for (const [pos, len] of [
+      [0, size],
+      [18, 4078],
+      [18, 4079],
+      [4097, 65903],
+      [4097, 65904],
+      [70001, 129999],
+      [70001, 130000],
+      [200001, size - 200002],
+      [200001, size - 200001],
+      [300000, 1],
+      [size - 1, 1],
+      [0, 0],
+    ] as const) {
+      const expected = bytes.subarray(pos, pos + len).every((b) => b === 0) ? 1 : 0;
+      assert.equal(native.zeroAt(src.fd, pos, len), expected, `[${pos}, ${pos + len})`);
+    }
+    // Past the end of the file nothing can be read: the caller must look at the bytes itself.
+    assert.equal(native.zeroAt(src.fd, size, 4096), -1);
+    assert.equal(native.zeroAt(src.fd, size - 10, 4096), 0);
+  } finally {
+    await src.close();
+  }
+});
