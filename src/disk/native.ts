@@ -24,6 +24,8 @@ export interface NativeHelper {
   preallocate(fd: number, offset: number, length: number): void;
   /** 1 when the file's bytes [position, position + length) are all zero, 0 when not, -1 when unreadable. */
   zeroAt(fd: number, position: number, length: number): number;
+  /** The Adler-32 (RFC 1950) of the bytes. */
+  adler32(data: Buffer): number;
   /** compress-worker.ts's looksIncompressible in C. */
   looksIncompressible(data: Buffer): boolean;
 }

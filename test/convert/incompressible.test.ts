@@ -8,7 +8,13 @@ import { statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import { deflateSync, gzipSync, inflateRawSync, inflateSync } from 'node:zlib';
-import { adler32, looksIncompressible, looksIncompressibleJs, storedDeflate } from '../../src/convert/compress-worker.js';
+import {
+  adler32,
+  adler32Js,
+  looksIncompressible,
+  looksIncompressibleJs,
+  storedDeflate,
+} from '../../src/convert/compress-worker.js';
 import { nativeHelper } from '../../src/disk/native.js';
 import { qemuImg, tmpDir, vmferry } from '../helpers/index.js';
 import { patternBuffer } from '../helpers/pattern.js';
@@ -26,7 +32,18 @@ test('stored deflate streams inflate to their input, raw and zlib-wrapped, at an
       // zlib's own deflate ends its stream with the Adler-32 of the input.
       const z = deflateSync(data, { level: 0 });
       assert.equal(adler32(data), z.readUInt32BE(z.length - 4), `adler32 ${at}+${len}`);
+      assert.equal(adler32Js(data), z.readUInt32BE(z.length - 4), `adler32Js ${at}+${len}`);
     }
+  }
+});
+
+test('Adler-32 sums stay exact where they grow fastest: long runs of 0xff', () => {
+  // 0xff bytes make both sums grow as fast as they can, the case the periodic modulo is for.
+  for (const len of [5551, 5552, 5553, 65536, 300 * KiB]) {
+    const data = Buffer.alloc(len, 0xff);
+    const z = deflateSync(data, { level: 0 });
+    assert.equal(adler32(data), z.readUInt32BE(z.length - 4), `adler32 ${len}`);
+    assert.equal(adler32Js(data), z.readUInt32BE(z.length - 4), `adler32Js ${len}`);
   }
 });
 
@@ -73,6 +90,7 @@ test('the native check decides as the JavaScript one, at every length and alignm
   // Both answers occur, so the comparison covers both branches.
   assert.ok(incompressible > 10);
   assert.equal(looksIncompressible, native.looksIncompressible);
+  assert.equal(adler32, native.adler32);
 });
 
 test('incompressible data compresses (qcow2 -c, zlib and zstd; streamOptimized VMDK) to what qemu-img makes of it', () => {
