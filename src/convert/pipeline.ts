@@ -129,7 +129,7 @@ export async function copyDisk(reader: DiskReader, writer: DiskWriter, options: 
     } else await reader.read(piece.offset, piece.length, buffer.subarray(0, piece.length));
     const data = buffer.subarray(0, piece.length);
     const base = baseline ? await readBaseline(baseline, piece.offset, piece.length) : null;
-    const runs = classify(piece.offset, data, base, unit, mapped ? zeroTestFor(data) : isZero);
+    const runs = classify(piece.offset, data, base, unit, mapped ? isZeroInFile : isZero);
     if (!compressing || !runs.some((r) => r.kind === 'data')) {
       return { ops: runsToOps(piece.offset, data, runs), covered: piece.length, buffer };
     }
@@ -260,19 +260,16 @@ interface Run {
 }
 
 /**
- * Zero detection for a window mapped from source files: each cluster is looked at in its file
- * (native zeroAt) rather than through the window. Touching the window faults its pages in, and
- * its next remapping has to unmap them again: on the os disk that was 60 ms of the main thread's
- * time, against 20 ms of small reads. Bytes the window does not map from one file are scanned.
+ * isZero for a window mapped from source files: the cluster is looked at in its file (native
+ * zeroAt) rather than through the window. Touching the window faults its pages in, and its next
+ * remapping has to unmap them again: on the os disk that was 60 ms of the main thread's time,
+ * against 20 ms of small reads. Bytes the window does not map from one file are scanned.
  */
-function zeroTestFor(data: Buffer): (buf: Buffer, start: number, end: number) => boolean {
+function isZeroInFile(buf: Buffer, start: number, end: number): boolean {
   const native = nativeHelper();
-  if (!native) return isZero;
-  return (buf, start, end) => {
-    const origin = mappedOrigin(buf.subarray(start, end));
-    const r = origin ? native.zeroAt(origin.source.fd, origin.position, end - start) : -1;
-    return r === -1 ? isZero(data, start, end) : r === 1;
-  };
+  const origin = native ? mappedOrigin(buf.subarray(start, end)) : null;
+  const r = origin ? native!.zeroAt(origin.source.fd, origin.position, end - start) : -1;
+  return r === -1 ? isZero(buf, start, end) : r === 1;
 }
 
 /** Splits `data` (at guest offset `pos`) into runs of data / zero / same-as-baseline clusters. */
