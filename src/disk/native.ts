@@ -1,6 +1,6 @@
 import { createRequire } from 'node:module';
 
-/** The optional C helper (native/): SEEK_DATA/SEEK_HOLE, hole punching, mapped read windows, copy_file_range, preallocation. */
+/** The optional C helper (native/): SEEK_DATA/SEEK_HOLE, hole punching, mapped read windows, copy_file_range, preallocation, zero tests, Adler-32, the incompressibility test. */
 export interface NativeHelper {
   /** Next data (which = 0) or hole (which = 1) offset at or after `offset`; -1 when none. */
   seek(fd: number, offset: number, which: 0 | 1): number;
