@@ -7,6 +7,7 @@ import assert from 'node:assert/strict';
 import { closeSync, existsSync, ftruncateSync, openSync, readFileSync, statSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import { test } from 'node:test';
+import { PLAIN_OUTPUTS } from '../helpers/images.js';
 import { patternBuffer, qemuImg, run, tmpDir, vmferry, vmferryBin } from '../helpers/index.js';
 
 const KiB = 1024;
@@ -111,13 +112,7 @@ test('vmdk streamOptimized: grains compressed on workers, content as the source,
 test('uncompressed copies through reused read buffers: content as the source, into every format', () => {
   const dir = tmpDir();
   const src = mixedImage(dir);
-  for (const [fmt, opts] of [
-    ['qcow2', []],
-    ['vmdk', ['-o', 'subformat=monolithicSparse']],
-    ['vpc', []],
-    ['vhdx', []],
-    ['vdi', []],
-  ] as const) {
+  for (const [fmt, opts] of PLAIN_OUTPUTS) {
     const out = join(dir, `plain.${fmt}`);
     const r = vmferry('convert', '-O', fmt, ...opts, src, out);
     assert.equal(r.code, 0, `${fmt}: ${r.stderr}`);

@@ -18,6 +18,15 @@ function cached(name: string, build: (path: string) => void): string {
   return path;
 }
 
+/** The uncompressed output formats, each with the options that pick its plain (non-streaming) kind. */
+export const PLAIN_OUTPUTS: readonly (readonly [string, readonly string[]])[] = [
+  ['qcow2', []],
+  ['vmdk', ['-o', 'subformat=monolithicSparse']],
+  ['vpc', []],
+  ['vhdx', []],
+  ['vdi', []],
+];
+
 /**
  * A realistic Linux-like disk as raw: GPT (sfdisk) with an ext4 partition (mke2fs -d) filled
  * from a real directory tree, 256 MiB virtual, some tens of MiB used. Shared by all tests.
