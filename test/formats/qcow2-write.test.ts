@@ -1,6 +1,6 @@
 /** qcow2 images written by vmferry, judged by qemu-img check/compare/info/map and libqcow. */
 import assert from 'node:assert/strict';
-import { readdirSync, statSync } from 'node:fs';
+import { readdirSync, readFileSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, test } from 'node:test';
 import { copyDisk } from '../../src/convert/pipeline.js';
@@ -151,6 +151,28 @@ describe('backing files', () => {
     assert.equal(info['backing-filename'], './base.qcow2');
     assertClean(out);
   });
+});
+
+test('zero() without a backing file clears data written before it, in any L2 table, and nothing else', async () => {
+  const MiB = 1 << 20;
+  const out = join(dir, 'zero-over-data.qcow2');
+  // 4 KiB clusters: an L2 table covers 2 MiB, so the zeroed range crosses tables with and without data.
+  const w = await qcow2Driver.create!(out, 12 * MiB, { options: { cluster_size: '4096' } });
+  const expected = Buffer.alloc(12 * MiB);
+  for (const at of [MiB, 5 * MiB + 100, 9 * MiB]) {
+    const data = Buffer.alloc(10000, at % 251);
+    await w.write(at, data);
+    data.copy(expected, at);
+  }
+  await w.zero(2 * MiB, 6 * MiB); // only the data at 5 MiB lies in it, two tables past the start
+  expected.fill(0, 2 * MiB, 8 * MiB);
+  await w.zero(MiB + 5000, 100); // part of a cluster
+  expected.fill(0, MiB + 5000, MiB + 5100);
+  await w.finish();
+  assertClean(out);
+  const raw = join(dir, 'zero-over-data.raw');
+  qemuImg('convert', '-f', 'qcow2', '-O', 'raw', out, raw);
+  assert.ok(readFileSync(raw).equals(expected));
 });
 
 describe('large sparse images', () => {
