@@ -249,10 +249,27 @@ static int all_zero(const uint8_t *p, size_t n) {
   return 1;
 }
 
-// zeroAt(fd, position, length) -> 1 when the file's bytes there are all zero, 0 when not, -1 when
-// they cannot be read (the caller then looks at them itself). Zero detection of mapped windows
-// without touching them: a data cluster costs one 4 KiB read instead of a page fault that maps the
-// whole cluster, and the window's later remapping then has nothing to unmap.
+// 1 when the file's bytes [position, position + length) are all zero, 0 when not, -1 when they
+// cannot be read. `buf` holds ZERO_READ bytes. Data usually shows in its first bytes: a small read
+// first, then large ones.
+#define ZERO_READ 65536
+static int range_is_zero(int fd, int64_t position, int64_t length, uint8_t *buf) {
+  int64_t step = 4096;
+  for (int64_t done = 0; done < length;) {
+    size_t want = (size_t)(length - done < step ? length - done : step);
+    ssize_t got = pread(fd, buf, want, (off_t)(position + done));
+    if (got < 0 && errno == EINTR) continue;
+    if (got <= 0) return -1;
+    if (!all_zero(buf, (size_t)got)) return 0;
+    done += got;
+    step = ZERO_READ;
+  }
+  return 1;
+}
+
+// zeroAt(fd, position, length) -> range_is_zero, on the calling thread. Zero detection of mapped
+// windows without touching them: a data cluster costs one 4 KiB read instead of a page fault that
+// maps the whole cluster, and the window's later remapping then has nothing to unmap.
 static napi_value zero_at(napi_env env, napi_callback_info info) {
   size_t argc = 3;
   napi_value argv[3], out;
@@ -265,24 +282,89 @@ static napi_value zero_at(napi_env env, napi_callback_info info) {
     napi_throw_type_error(env, NULL, "zeroAt(fd, position, length)");
     return NULL;
   }
-  static uint8_t buf[65536] __attribute__((aligned(64)));
-  int result = 1;
-  // Data usually shows in its first bytes: a small read first, then large ones.
-  int64_t step = 4096;
-  for (int64_t done = 0; done < length && result == 1;) {
-    size_t want = (size_t)(length - done < step ? length - done : step);
-    ssize_t got = pread(fd, buf, want, (off_t)(position + done));
-    if (got < 0 && errno == EINTR) continue;
-    if (got <= 0) {
-      result = -1;
+  static uint8_t buf[ZERO_READ] __attribute__((aligned(64)));
+  napi_create_int32(env, range_is_zero(fd, position, length, buf), &out);
+  return out;
+}
+
+// zeroMap(fd, position, length, first, unit) -> Promise<Buffer | null>: range_is_zero for each
+// cluster of [position, position + length) on the libuv thread pool, one flag byte each (1 zero,
+// 0 data); the first cluster is `first` bytes long, the others `unit` (the last may be shorter).
+// Null when some bytes cannot be read. One call per read chunk keeps the zero test of a plain
+// copy off the main thread, where it took 41 ms of the os disk's conversion to qcow2.
+typedef struct {
+  napi_async_work work;
+  napi_deferred deferred;
+  int fd;
+  int64_t position, length, first, unit, count;
+  uint8_t *flags;
+  int failed;
+} zero_map_job;
+
+static void zero_map_execute(napi_env env, void *data) {
+  (void)env;
+  zero_map_job *job = data;
+  uint8_t *buf = malloc(ZERO_READ);
+  if (!buf) {
+    job->failed = 1;
+    return;
+  }
+  int64_t start = 0;
+  for (int64_t i = 0; i < job->count; i++) {
+    int64_t len = i == 0 ? job->first : job->unit;
+    if (len > job->length - start) len = job->length - start;
+    int r = range_is_zero(job->fd, job->position + start, len, buf);
+    if (r < 0) {
+      job->failed = 1;
       break;
     }
-    if (!all_zero(buf, (size_t)got)) result = 0;
-    done += got;
-    step = sizeof buf;
+    job->flags[i] = (uint8_t)r;
+    start += len;
   }
-  napi_create_int32(env, result, &out);
-  return out;
+  free(buf);
+}
+
+static void zero_map_complete(napi_env env, napi_status status, void *data) {
+  zero_map_job *job = data;
+  napi_value result;
+  if (status != napi_ok || job->failed ||
+      napi_create_buffer_copy(env, (size_t)job->count, job->flags, NULL, &result) != napi_ok) {
+    napi_get_null(env, &result);
+  }
+  napi_resolve_deferred(env, job->deferred, result);
+  napi_delete_async_work(env, job->work);
+  free(job->flags);
+  free(job);
+}
+
+static napi_value zero_map(napi_env env, napi_callback_info info) {
+  size_t argc = 5;
+  napi_value argv[5];
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  zero_map_job *job = calloc(1, sizeof *job);
+  if (!job) return throw_errno(env, "calloc");
+  if (argc < 5 || napi_get_value_int32(env, argv[0], &job->fd) != napi_ok ||
+      napi_get_value_int64(env, argv[1], &job->position) != napi_ok ||
+      napi_get_value_int64(env, argv[2], &job->length) != napi_ok ||
+      napi_get_value_int64(env, argv[3], &job->first) != napi_ok ||
+      napi_get_value_int64(env, argv[4], &job->unit) != napi_ok || job->position < 0 || job->length <= 0 ||
+      job->first <= 0 || job->unit <= 0) {
+    free(job);
+    napi_throw_type_error(env, NULL, "zeroMap(fd, position, length, first, unit)");
+    return NULL;
+  }
+  job->count = job->first >= job->length ? 1 : 1 + (job->length - job->first + job->unit - 1) / job->unit;
+  job->flags = malloc((size_t)job->count);
+  if (!job->flags) {
+    free(job);
+    return throw_errno(env, "malloc");
+  }
+  napi_value promise, name;
+  napi_create_promise(env, &job->deferred, &promise);
+  napi_create_string_utf8(env, "vmferry:zeroMap", NAPI_AUTO_LENGTH, &name);
+  napi_create_async_work(env, NULL, name, zero_map_execute, zero_map_complete, job, &job->work);
+  napi_queue_async_work(env, job->work);
+  return promise;
 }
 
 // adler32(buffer) -> the Adler-32 (RFC 1950) of its bytes, for stored deflate streams (64 KiB units:
@@ -370,6 +452,7 @@ static napi_value init(napi_env env, napi_value exports) {
       {"preallocate", NULL, preallocate_range, NULL, NULL, NULL, napi_default, NULL},
       {"looksIncompressible", NULL, looks_incompressible, NULL, NULL, NULL, napi_default, NULL},
       {"zeroAt", NULL, zero_at, NULL, NULL, NULL, napi_default, NULL},
+      {"zeroMap", NULL, zero_map, NULL, NULL, NULL, napi_default, NULL},
       {"adler32", NULL, adler32_sum, NULL, NULL, NULL, napi_default, NULL},
   };
   napi_define_properties(env, exports, sizeof props / sizeof props[0], props);

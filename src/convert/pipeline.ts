@@ -129,7 +129,14 @@ export async function copyDisk(reader: DiskReader, writer: DiskWriter, options: 
     } else await reader.read(piece.offset, piece.length, buffer.subarray(0, piece.length));
     const data = buffer.subarray(0, piece.length);
     const base = baseline ? await readBaseline(baseline, piece.offset, piece.length) : null;
-    const runs = classify(piece.offset, data, base, unit, mapped ? isZeroInFile : isZero);
+    const flags = mapped && !base ? await zeroFlagsInFile(data, piece.offset, unit) : null;
+    const runs = classify(
+      piece.offset,
+      data,
+      base,
+      unit,
+      flags ? flagTest(piece.offset, unit, flags) : mapped ? isZeroInFile : isZero,
+    );
     if (!compressing || !runs.some((r) => r.kind === 'data')) {
       return { ops: runsToOps(piece.offset, data, runs), covered: piece.length, buffer };
     }
@@ -270,6 +277,33 @@ function isZeroInFile(buf: Buffer, start: number, end: number): boolean {
   const origin = native ? mappedOrigin(buf.subarray(start, end)) : null;
   const r = origin ? native!.zeroAt(origin.source.fd, origin.position, end - start) : -1;
   return r === -1 ? isZero(buf, start, end) : r === 1;
+}
+
+/**
+ * The zero test of a whole piece that one source file maps, run on the thread pool (native
+ * zeroMap): one call per piece instead of one zeroAt per cluster on the main thread, which then
+ * goes on reading and queueing copies. Null when the piece maps no single file range, or its
+ * bytes could not be read (the caller tests the clusters itself).
+ */
+async function zeroFlagsInFile(data: Buffer, pos: number, unit: number): Promise<Buffer | null> {
+  const native = nativeHelper();
+  const origin = native ? mappedOrigin(data) : null;
+  if (!origin) return null;
+  const flags = native!.zeroMap(origin.source.fd, origin.position, data.length, nextBoundary(pos, 0, unit, data.length), unit);
+  // The descriptor must stay open while the pool reads it, even if the copy fails meanwhile.
+  origin.source.holdOpen(
+    flags.then(
+      () => {},
+      () => {},
+    ),
+  );
+  return flags;
+}
+
+/** classify's zero test from zeroMap's flags: the cluster at chunk index `start` is looked up. */
+function flagTest(pos: number, unit: number, flags: Buffer): (buf: Buffer, start: number) => boolean {
+  const first = nextBoundary(pos, 0, unit, Number.POSITIVE_INFINITY);
+  return (_buf, start) => flags[start < first ? 0 : 1 + Math.floor((start - first) / unit)] === 1;
 }
 
 /** Splits `data` (at guest offset `pos`) into runs of data / zero / same-as-baseline clusters. */

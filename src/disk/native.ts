@@ -1,6 +1,6 @@
 import { createRequire } from 'node:module';
 
-/** The optional C helper (native/): SEEK_DATA/SEEK_HOLE, hole punching, mapped read windows, copy_file_range, preallocation, zero tests, Adler-32, the incompressibility test. */
+/** The optional C helper (native/): SEEK_DATA/SEEK_HOLE, hole punching, mapped read windows, copy_file_range, preallocation, zero tests (on the calling thread or the pool), Adler-32, the incompressibility test. */
 export interface NativeHelper {
   /** Next data (which = 0) or hole (which = 1) offset at or after `offset`; -1 when none. */
   seek(fd: number, offset: number, which: 0 | 1): number;
@@ -24,6 +24,12 @@ export interface NativeHelper {
   preallocate(fd: number, offset: number, length: number): void;
   /** 1 when the file's bytes [position, position + length) are all zero, 0 when not, -1 when unreadable. */
   zeroAt(fd: number, position: number, length: number): number;
+  /**
+   * zeroAt for each cluster of [position, position + length) on the thread pool: one flag per
+   * cluster (1 zero, 0 data); the first cluster is `first` bytes long, the others `unit` (the last
+   * may be shorter). Null when some bytes cannot be read.
+   */
+  zeroMap(fd: number, position: number, length: number, first: number, unit: number): Promise<Buffer | null>;
   /** The Adler-32 (RFC 1950) of the bytes. */
   adler32(data: Buffer): number;
   /** compress-worker.ts's looksIncompressible in C. */

@@ -77,6 +77,44 @@ test('writing into a mapped window changes neither the source file nor later rea
   }
 });
 
+test('zeroMap flags each cluster of a range as zeroAt judges it, and refuses unreadable ranges', async () => {
+  const native = nativeHelper()!;
+  const size = 512 * 1024;
+  const content = Buffer.alloc(size);
+  for (const m of [17, 4096, 70000, 200000, size - 1]) content[m] = 0x5a;
+  const path = join(tmpDir('vmferry-zero-map-'), 'zeros.raw');
+  writeFileSync(path, content);
+  const src = FileSource.open(path);
+  try {
+    const bytes = readFileSync(path);
+    // [position, length, first cluster's length, later clusters' length]: whole and partial first
+    // and last clusters, clusters smaller than the 4 KiB first read, and one cluster for it all.
+    for (const [pos, len, first, unit] of [
+      [0, size, 65536, 65536],
+      [1000, size - 1000, 3096, 4096],
+      [18, 300000, 100, 65536],
+      [4097, 200000, 512, 512],
+      [0, size, size, 65536],
+      [300000, size - 300000, 1 << 20, 1 << 20],
+    ] as const) {
+      const expected: number[] = [];
+      for (let s = 0; s < len; s = s === 0 ? Math.min(first, len) : Math.min(s + unit, len)) {
+        const e = s === 0 ? Math.min(first, len) : Math.min(s + unit, len);
+        expected.push(bytes.subarray(pos + s, pos + e).every((b) => b === 0) ? 1 : 0);
+      }
+      const flags = await native.zeroMap(src.fd, pos, len, first, unit);
+      assert.ok(flags, `[${pos}, ${pos + len})`);
+      assert.deepEqual([...flags], expected, `[${pos}, ${pos + len}) in ${first}, then ${unit}`);
+      assert.ok(expected.includes(0) || len < 70000, 'the layout crosses data');
+    }
+    // Bytes past the end of the file cannot be read: the caller must look at them itself.
+    assert.equal(await native.zeroMap(src.fd, size - 4096, 8192, 4096, 4096), null);
+    assert.throws(() => native.zeroMap(src.fd, 0, 4096, 0, 4096), TypeError);
+  } finally {
+    await src.close();
+  }
+});
+
 test('zeroAt tells zero file ranges from data anywhere in them, and unreadable ones', async () => {
   const native = nativeHelper()!;
   const size = 512 * 1024;
