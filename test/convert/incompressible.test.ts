@@ -7,13 +7,14 @@ import assert from 'node:assert/strict';
 import { statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { test } from 'node:test';
-import { deflateSync, gzipSync, inflateRawSync, inflateSync } from 'node:zlib';
+import { constants, deflateSync, gzipSync, inflateRawSync, inflateSync, unzipSync } from 'node:zlib';
 import {
   adler32,
   adler32Js,
   looksIncompressible,
   looksIncompressibleJs,
   storedDeflate,
+  storedInto,
 } from '../../src/convert/compress-worker.js';
 import { nativeHelper } from '../../src/disk/native.js';
 import { qemuImg, tmpDir, vmferry } from '../helpers/index.js';
@@ -35,6 +36,55 @@ test('stored deflate streams inflate to their input, raw and zlib-wrapped, at an
       assert.equal(adler32Js(data), z.readUInt32BE(z.length - 4), `adler32Js ${at}+${len}`);
     }
   }
+});
+
+test('stored zlib streams decode straight into the chunk exactly as inflate decodes them; anything else is left to inflate', () => {
+  const random = patternBuffer(64 * KiB, 33);
+  const text = Buffer.alloc(64 * KiB, 'a grain of text that deflate shrinks; ');
+  const unit = (packed: Buffer, length: number, at = 100) => ({
+    codec: 'inflate' as const,
+    start: 7,
+    end: 7 + packed.length,
+    at,
+    skip: 0,
+    length,
+    size: 64 * KiB,
+    minSize: 0,
+  });
+  const dictionary = Buffer.from('dict');
+  // [name, stream, whether every block is a stored one]; what the bytes are is zlib's decoding.
+  const cases: [string, Buffer, boolean, (packed: Buffer) => Buffer][] = [
+    ['zlib level 0 (only stored blocks)', deflateSync(random, { level: 0 }), true, inflateSync],
+    [
+      'zlib level 0 with flushes',
+      deflateSync(random, { level: 0, chunkSize: 4096, flush: constants.Z_FULL_FLUSH }),
+      true,
+      inflateSync,
+    ],
+    ['ours', storedDeflate(random, true), true, inflateSync],
+    ['ours, one byte', storedDeflate(random.subarray(0, 1), true), true, inflateSync],
+    ['compressed blocks', deflateSync(text), false, inflateSync],
+    ['gzip wrapper', gzipSync(random, { level: 0 }), false, unzipSync],
+    ['preset dictionary', deflateSync(random, { level: 0, dictionary }), false, (packed) => inflateSync(packed, { dictionary })],
+  ];
+  for (const [name, packed, stored, decode] of cases) {
+    const expected = decode(packed);
+    const framed = Buffer.concat([Buffer.alloc(7, 0xee), packed, Buffer.alloc(3, 0xee)]);
+    const chunk = Buffer.alloc(100 + expected.length + 50, 0x11);
+    assert.equal(storedInto(framed, unit(packed, expected.length), chunk), stored, name);
+    if (stored) assert.ok(chunk.subarray(100, 100 + expected.length).equals(expected), `${name}: the bytes`);
+  }
+  // Damaged or not the size asked for: left to inflate, which then reports it.
+  const good = storedDeflate(random, true);
+  const badSum = Buffer.from(good);
+  badSum[badSum.length - 1]! ^= 1;
+  const badLen = Buffer.from(good);
+  badLen[4]! ^= 1; // NLEN no longer the complement of LEN
+  const chunk = Buffer.alloc(70 * KiB);
+  assert.equal(storedInto(badSum, { ...unit(badSum, random.length), start: 0, end: badSum.length }, chunk), false);
+  assert.equal(storedInto(badLen, { ...unit(badLen, random.length), start: 0, end: badLen.length }, chunk), false);
+  assert.equal(storedInto(good, { ...unit(good, random.length - 1), start: 0, end: good.length }, chunk), false);
+  assert.equal(storedInto(good, { ...unit(good, random.length), start: 0, end: good.length - 5 }, chunk), false);
 });
 
 test('Adler-32 sums stay exact where they grow fastest: long runs of 0xff', () => {
