@@ -107,6 +107,8 @@ export async function copyDisk(reader: DiskReader, writer: DiskWriter, options: 
     if (mapped) forgetMappings(reused);
     return reused;
   };
+  // Packed bytes are read into memory the workers hand back (once the pool runs).
+  const packedMemory = (bytes: number): Buffer => pool?.packedMemory(bytes) ?? Buffer.allocUnsafeSlow(bytes);
   const workers = options.pool?.size ?? availableParallelism();
   const depth = options.readAhead ?? (compressing || reader.readPacked ? workers * 2 + 2 : 4);
   const stats: CopyStats = { virtualSize: reader.virtualSize, dataBytes: 0, zeroBytes: 0 };
@@ -123,7 +125,7 @@ export async function copyDisk(reader: DiskReader, writer: DiskWriter, options: 
     }
     let buffer = takeBuffer();
     if (reader.readPacked) {
-      const units = await reader.readPacked(piece.offset, piece.length, buffer.subarray(0, piece.length));
+      const units = await reader.readPacked(piece.offset, piece.length, buffer.subarray(0, piece.length), packedMemory);
       // The decoded chunk is the same memory, back from the worker.
       if (units.length > 0) buffer = await (await getPool()).decompress(buffer, piece.offset, units);
     } else await reader.read(piece.offset, piece.length, buffer.subarray(0, piece.length));

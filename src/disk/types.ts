@@ -55,8 +55,10 @@ export interface DiskReader {
   /**
    * Optional: read() without decoding compressed units, so the caller can decode them on worker
    * threads. Fills `into` (length bytes) except the ranges of the returned units (ascending).
+   * `memory(bytes)`, when given, supplies the memory packed bytes are read into (the caller's to
+   * reuse once it is done with the units); otherwise the reader allocates its own.
    */
-  readPacked?(offset: number, length: number, into: Buffer): Promise<PackedUnit[]>;
+  readPacked?(offset: number, length: number, into: Buffer, memory?: (bytes: number) => Buffer): Promise<PackedUnit[]>;
   close(): Promise<void>;
 }
 

@@ -401,11 +401,13 @@ export class SparseExtent {
   /**
    * The compressed grains from `rel` on (up to `max` guest bytes, while each lies after the last
    * in the file, as in stream-optimized images) as stored, read in one request into memory of
-   * their own. `length` is the guest bytes they cover: 0 when the grain at `rel` is not such a one.
+   * their own (from `memory` when given). `length` is the guest bytes they cover: 0 when the grain
+   * at `rel` is not such a one.
    */
   async packGrains(
     rel: number,
     max: number,
+    memory: (bytes: number) => Buffer = Buffer.allocUnsafeSlow,
   ): Promise<{ length: number; units: (PackedSource & { rel: number; length: number; skip: number })[] }> {
     const none = { length: 0, units: [] };
     if (!this.compressed || !this.hasMarkers) return none;
@@ -439,16 +441,16 @@ export class SparseExtent {
     const units: (PackedSource & { rel: number; length: number; skip: number })[] = [];
     // Grains scattered over the file (or a corrupt size) are read one by one.
     const together = lastSize > 0 && lastSize <= 2 * gb + 1024 && span <= grains.length * (2 * gb + 2048);
-    const memory = together ? await readExact(this.source, first, span, 'compressed grains', Buffer.allocUnsafeSlow(span)) : null;
+    const block = together ? await readExact(this.source, first, span, 'compressed grains', memory(span)) : null;
     for (const { start: s, pos } of grains) {
       const needed = Math.min(gb, this.length - s);
       const skip = Math.max(0, rel - s);
       const length = Math.min(end, s + gb) - s - skip;
       const corrupt = (problem: { reason: string } | { decoded: number }) => this.grainError(pos, needed, problem);
       const at = pos - first;
-      const size = memory ? memory.readUInt32LE(at + 8) : 0;
-      if (memory && size > 0 && size <= 2 * gb + 1024 && at + 12 + size <= span) {
-        const packed = memory.subarray(at + 12, at + 12 + size);
+      const size = block ? block.readUInt32LE(at + 8) : 0;
+      if (block && size > 0 && size <= 2 * gb + 1024 && at + 12 + size <= span) {
+        const packed = block.subarray(at + 12, at + 12 + size);
         units.push({ rel: s + skip, length, skip, codec: 'inflate', packed, size: gb, minSize: needed, movable: true, corrupt });
       } else {
         units.push({ rel: s + skip, length, skip, ...(await this.packCompressed(pos, needed)) });

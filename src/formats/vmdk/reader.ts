@@ -274,7 +274,7 @@ export class VmdkReader extends MappedDiskReader {
   }
 
   /** Compressed grains come back undecoded: the copy pipeline inflates them on its worker threads. */
-  async readPacked(offset: number, length: number, into: Buffer): Promise<PackedUnit[]> {
+  async readPacked(offset: number, length: number, into: Buffer, memory?: (bytes: number) => Buffer): Promise<PackedUnit[]> {
     this.checkRange(offset, length);
     const units: PackedUnit[] = [];
     let done = 0;
@@ -283,7 +283,9 @@ export class VmdkReader extends MappedDiskReader {
       const e = this.extentList[this.extentIndex(pos)]!;
       const rel = pos - e.start;
       // Runs of stream-optimized grains in one read; anything else one segment at a time.
-      const run = e.sparse ? await e.sparse.packGrains(rel, Math.min(length - done, e.length - rel)) : { length: 0, units: [] };
+      const run = e.sparse
+        ? await e.sparse.packGrains(rel, Math.min(length - done, e.length - rel), memory)
+        : { length: 0, units: [] };
       if (run.length > 0) {
         for (const { rel: r, ...u } of run.units) units.push({ ...u, offset: e.start + r });
         done += run.length;
