@@ -1,6 +1,7 @@
 import { availableParallelism } from 'node:os';
 import { flatExtents } from '../disk/chain.js';
 import { nativeHelper } from '../disk/native.js';
+import { lendWrites, WriteLoan } from '../disk/sink.js';
 import { forgetMappings, mappedOrigin, readWindow } from '../disk/source.js';
 import type { CompressedUnit, DiskReader, DiskWriter, Extent } from '../disk/types.js';
 import { isZero } from '../disk/zero.js';
@@ -95,17 +96,20 @@ export async function copyDisk(reader: DiskReader, writer: DiskWriter, options: 
     return starting;
   };
   if (compressing) getPool().catch(() => {});
-  // Read buffers are reused (writers give them back when write() resolves): fresh memory for
-  // every chunk costs page faults, and the collector lets hundreds of megabytes of it pile up.
-  const free: Buffer[] = [];
+  // Read buffers are reused: fresh memory for every chunk costs page faults, and the collector
+  // lets hundreds of megabytes of it pile up. Large writes from them are lent to the output (they
+  // run several at a time), so a buffer is taken again only once its writes have settled.
+  const loan = new WriteLoan();
+  const free: { buffer: Buffer; settled: Promise<void> }[] = [];
   // A plain copy reads into mapped windows (the source's pages are mapped, not copied); memory
   // that travels to a worker thread must be ordinary.
   const mapped = !compressing && !reader.readPacked;
-  const takeBuffer = (): Buffer => {
-    const reused = free.pop();
+  const takeBuffer = async (): Promise<Buffer> => {
+    const reused = free.shift();
     if (!reused) return mapped ? readWindow(chunk) : Buffer.allocUnsafeSlow(chunk);
-    if (mapped) forgetMappings(reused);
-    return reused;
+    await reused.settled;
+    if (mapped) forgetMappings(reused.buffer);
+    return reused.buffer;
   };
   // Packed bytes are read into memory the workers hand back (once the pool runs).
   const packedMemory = (bytes: number): Buffer => pool?.packedMemory(bytes) ?? Buffer.allocUnsafeSlow(bytes);
@@ -123,7 +127,7 @@ export async function copyDisk(reader: DiskReader, writer: DiskWriter, options: 
         : [{ kind: 'zero', offset: piece.offset, length: piece.length }];
       return { ops, covered: piece.length };
     }
-    let buffer = takeBuffer();
+    let buffer = await takeBuffer();
     if (reader.readPacked) {
       const units = await reader.readPacked(piece.offset, piece.length, buffer.subarray(0, piece.length), packedMemory);
       // The decoded chunk is the same memory, back from the worker.
@@ -189,10 +193,10 @@ export async function copyDisk(reader: DiskReader, writer: DiskWriter, options: 
       await refill();
       for (const op of result.ops) {
         if (op.kind === 'write') {
-          await writer.write(op.offset, op.data);
+          await lendWrites(loan, () => writer.write(op.offset, op.data));
           stats.dataBytes += op.data.length;
         } else if (op.kind === 'compressed') {
-          await writer.writeCompressed!(op.units);
+          await lendWrites(loan, () => writer.writeCompressed!(op.units));
           for (const u of op.units) stats.dataBytes += u.raw.length;
         } else {
           await writer.zero(op.offset, op.length);
@@ -200,8 +204,12 @@ export async function copyDisk(reader: DiskReader, writer: DiskWriter, options: 
         }
       }
       done += result.covered;
-      if (result.buffer) free.push(result.buffer);
-      if (result.output) pool!.release(result.output);
+      const settled = loan.settled();
+      if (result.buffer) free.push({ buffer: result.buffer, settled });
+      if (result.output) {
+        const { output } = result;
+        settled.then(() => pool!.release(output));
+      }
       options.onProgress?.({ done, total: reader.virtualSize });
     }
   } finally {

@@ -45,7 +45,7 @@ export type CacheMode = (typeof CACHE_MODES)[number];
 let flushOnCommit = true;
 /** Cleared the first time copy_file_range is refused. */
 let copyOffload = true;
-/** A file-to-file copy into bytes [start, end) of an output; `done` never rejects. */
+/** A background write into bytes [start, end) of an output (a file-to-file copy or a lent write); `done` never rejects. */
 interface RunningCopy {
   start: number;
   end: number;
@@ -55,8 +55,47 @@ interface RunningCopy {
 /** Writes from memory at least this long first preallocate their blocks (the native copies always do). */
 const PREALLOCATE_FROM = 1 << 20;
 
-/** File-to-file copies an output runs at a time (libuv's thread pool has four threads). */
+/** Background writes (file-to-file copies, lent writes) an output runs at a time (libuv's thread pool has four threads). */
 const MAX_COPIES = 4;
+
+/**
+ * Memory a caller lends to the writes it starts (see lendWrites): those writes run without being
+ * waited for, and the memory is the caller's again once settled() resolves.
+ */
+export class WriteLoan {
+  private readonly running = new Set<Promise<void>>();
+
+  /** @internal A lent write; `done` never rejects (a failure is thrown by the sink's next call). */
+  add(done: Promise<void>): void {
+    this.running.add(done);
+    done.then(() => this.running.delete(done));
+  }
+
+  /** Resolves once every write lent so far has finished. */
+  settled(): Promise<void> {
+    return this.running.size === 0 ? Promise.resolve() : Promise.all([...this.running]).then(() => {});
+  }
+}
+
+let currentLoan: WriteLoan | null = null;
+
+/**
+ * Calls `start` and lends `loan` to every file sink write of 1 MiB or more from memory that it
+ * starts before its first await: such a write returns once it is queued, up to MAX_COPIES at a
+ * time beside the file-to-file copies, instead of when its bytes are in the file. Writing 1 GiB
+ * of decoded grains one pwrite at a time took 1.88 s against 1.67 s four at a time (dense stream
+ * VMDK -> qcow2). The caller must leave the memory it passed unchanged until loan.settled(). Only
+ * large writes are lent because writers pass their own small scratch buffers through the same
+ * call; writes started later (after an await) are waited for as usual.
+ */
+export function lendWrites<T>(loan: WriteLoan, start: () => Promise<T>): Promise<T> {
+  currentLoan = loan;
+  try {
+    return start();
+  } finally {
+    currentLoan = null;
+  }
+}
 
 /** Sets the cache mode of every output this process writes from now on (the library default is durable). */
 export function setOutputCacheMode(mode: CacheMode): void {
@@ -228,23 +267,23 @@ export class AtomicFileSink implements ByteSink {
    * all; a copy's failure is thrown by the next call.
    */
   async write(data: Buffer, position: number): Promise<void> {
+    // Taken before any await: only writes started inside lendWrites' call are lent.
+    const loan = data.length >= PREALLOCATE_FROM ? currentLoan : null;
     this.throwCopyFailure();
     const end = position + data.length;
     for (const c of [...this.copies]) if (c.start < end && position < c.end) await c.done;
     const origin = copyOffload ? mappedOrigin(data) : null;
     if (origin) {
       while (this.copies.length >= MAX_COPIES) await this.copies[0]!.done;
-      const fd = this.descriptor;
-      const copy: RunningCopy = { start: position, end, done: Promise.resolve() };
-      copy.done = copyFile(origin.source.fd, origin.position, fd, position, data.length).then(
-        () => this.copyDone(copy),
-        (err) => {
-          this.copyFailure ??= ioError(err, this.name);
-          this.copyDone(copy);
-        },
-      );
-      this.copies.push(copy);
+      const copy = this.track(position, end, copyFile(origin.source.fd, origin.position, this.descriptor, position, data.length));
       origin.source.holdOpen(copy.done);
+      return;
+    }
+    if (loan) {
+      while (this.copies.length >= MAX_COPIES) await this.copies[0]!.done;
+      const fd = this.descriptor;
+      nativeHelper()?.preallocate(fd, position, data.length);
+      loan.add(this.track(position, end, pwrite(fd, data, position)).done);
       return;
     }
     try {
@@ -253,6 +292,20 @@ export class AtomicFileSink implements ByteSink {
     } catch (err) {
       throw ioError(err, this.name);
     }
+  }
+
+  /** Runs `work`, which writes bytes [start, end), as one of the sink's background writes (see write). */
+  private track(start: number, end: number, work: Promise<void>): RunningCopy {
+    const copy: RunningCopy = { start, end, done: Promise.resolve() };
+    copy.done = work.then(
+      () => this.copyDone(copy),
+      (err) => {
+        this.copyFailure ??= ioError(err, this.name);
+        this.copyDone(copy);
+      },
+    );
+    this.copies.push(copy);
+    return copy;
   }
 
   private copyDone(copy: RunningCopy): void {

@@ -3,7 +3,7 @@ import { spawn } from 'node:child_process';
 import { existsSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { test } from 'node:test';
-import { AtomicFileSink, removeStaleTemps } from '../../src/disk/sink.js';
+import { AtomicFileSink, lendWrites, removeStaleTemps, WriteLoan } from '../../src/disk/sink.js';
 import { tmpDir } from '../helpers/index.js';
 
 test('an atomic sink shows nothing under the final name until commit', async () => {
@@ -20,6 +20,32 @@ test('an atomic sink shows nothing under the final name until commit', async () 
   assert.equal(data.subarray(0, 5).toString(), 'hello');
   assert.equal(data.subarray(10, 15).toString(), 'world');
   assert.deepEqual(readdirSync(dir), ['out.img']);
+});
+
+test('lent writes land as written, more of them than run at a time, beside small and later ordinary writes', async () => {
+  const MiB = 1 << 20;
+  const dir = tmpDir();
+  const target = join(dir, 'lent.img');
+  const sink = new AtomicFileSink(target);
+  const loan = new WriteLoan();
+  const expected = Buffer.alloc(8 * MiB);
+  // Six large writes lent at once (more than run at a time), a small one lent in the same call
+  // (not lent: small), and an ordinary write into the last large one right after.
+  for (let i = 0; i < 6; i++) {
+    const data = Buffer.alloc(MiB + 512, 0x11 * (i + 1));
+    await lendWrites(loan, () => sink.write(data, i * (MiB + 512)));
+    data.copy(expected, i * (MiB + 512));
+  }
+  const small = Buffer.alloc(4096, 0x99);
+  await lendWrites(loan, () => sink.write(small, 7 * MiB));
+  small.copy(expected, 7 * MiB);
+  const over = Buffer.alloc(1000, 0xee);
+  await sink.write(over, 5 * (MiB + 512) + 300);
+  over.copy(expected, 5 * (MiB + 512) + 300);
+  await loan.settled();
+  await sink.setLength(8 * MiB);
+  await sink.commit();
+  assert.ok(readFileSync(target).equals(expected));
 });
 
 test('abort removes the temp file and leaves an existing target untouched', async () => {
