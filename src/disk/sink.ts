@@ -10,6 +10,7 @@ import {
   renameSync,
   statSync,
   unlinkSync,
+  writeSync,
 } from 'node:fs';
 import { basename, dirname, join } from 'node:path';
 import { ioError } from './errors.js';
@@ -54,6 +55,13 @@ interface RunningCopy {
 
 /** Writes from memory at least this long first preallocate their blocks (the native copies always do). */
 const PREALLOCATE_FROM = 1 << 20;
+
+/**
+ * Writes up to this long (format metadata: a VHD block's sector bitmap, a grain table) go to the
+ * page cache at once, on the calling thread: on the thread pool they queued behind the running
+ * copies, and a writer waiting for its bitmap before the block's data stopped the whole copy.
+ */
+const WRITE_NOW_UP_TO = 64 * 1024;
 
 /** Background writes (file-to-file copies, lent writes) an output runs at a time (libuv's thread pool has four threads). */
 const MAX_COPIES = 4;
@@ -127,6 +135,10 @@ function pwrite(fd: number, buf: Buffer, pos: number): Promise<void> {
     };
     step(0);
   });
+}
+
+function writeAllSync(fd: number, buf: Buffer, pos: number): void {
+  for (let off = 0; off < buf.length; ) off += writeSync(fd, buf, off, buf.length - off, pos + off);
 }
 
 /** Unlinks `path` when it is a regular file itself (lstat: a symbolic link is left to the rename). */
@@ -287,6 +299,10 @@ export class AtomicFileSink implements ByteSink {
       return;
     }
     try {
+      if (data.length <= WRITE_NOW_UP_TO) {
+        writeAllSync(this.descriptor, data, position);
+        return;
+      }
       if (data.length >= PREALLOCATE_FROM) nativeHelper()?.preallocate(this.descriptor, position, data.length);
       await pwrite(this.descriptor, data, position);
     } catch (err) {
