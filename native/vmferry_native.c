@@ -157,6 +157,25 @@ static napi_value map_file(napi_env env, napi_callback_info info) {
   return out;
 }
 
+// The promise of an async job: `execute` runs on the libuv thread pool, `complete` back on the
+// main thread, where it must call finish_job.
+static napi_value queue_job(napi_env env, const char *name, napi_async_execute_callback execute,
+                            napi_async_complete_callback complete, void *job, napi_deferred *deferred,
+                            napi_async_work *work) {
+  napi_value promise, resource;
+  napi_create_promise(env, deferred, &promise);
+  napi_create_string_utf8(env, name, NAPI_AUTO_LENGTH, &resource);
+  napi_create_async_work(env, NULL, resource, execute, complete, job, work);
+  napi_queue_async_work(env, *work);
+  return promise;
+}
+
+// Resolves a queued job's promise with `result` and releases its work item.
+static void finish_job(napi_env env, napi_deferred deferred, napi_async_work work, napi_value result) {
+  napi_resolve_deferred(env, deferred, result);
+  napi_delete_async_work(env, work);
+}
+
 // copyRange(srcFd, srcPos, dstFd, dstPos, length) -> Promise<[copied, errno]>: copy_file_range on
 // the libuv thread pool until `length` bytes are copied or the kernel stops (errno, or 0 at the
 // source's end); the caller writes whatever is left the ordinary way.
@@ -192,8 +211,7 @@ static void copy_complete(napi_env env, napi_status status, void *data) {
   napi_create_int32(env, status == napi_ok ? job->err : ECANCELED, &err);
   napi_set_element(env, result, 0, copied);
   napi_set_element(env, result, 1, err);
-  napi_resolve_deferred(env, job->deferred, result);
-  napi_delete_async_work(env, job->work);
+  finish_job(env, job->deferred, job->work, result);
   free(job);
 }
 
@@ -213,12 +231,7 @@ static napi_value copy_range(napi_env env, napi_callback_info info) {
     napi_throw_type_error(env, NULL, "copyRange(srcFd, srcPos, dstFd, dstPos, length)");
     return NULL;
   }
-  napi_value promise, name;
-  napi_create_promise(env, &job->deferred, &promise);
-  napi_create_string_utf8(env, "vmferry:copyRange", NAPI_AUTO_LENGTH, &name);
-  napi_create_async_work(env, NULL, name, copy_execute, copy_complete, job, &job->work);
-  napi_queue_async_work(env, job->work);
-  return promise;
+  return queue_job(env, "vmferry:copyRange", copy_execute, copy_complete, job, &job->deferred, &job->work);
 }
 
 // The bytes of the one Buffer argument; false (a TypeError thrown) when there is none.
@@ -331,8 +344,7 @@ static void zero_map_complete(napi_env env, napi_status status, void *data) {
       napi_create_buffer_copy(env, (size_t)job->count, job->flags, NULL, &result) != napi_ok) {
     napi_get_null(env, &result);
   }
-  napi_resolve_deferred(env, job->deferred, result);
-  napi_delete_async_work(env, job->work);
+  finish_job(env, job->deferred, job->work, result);
   free(job->flags);
   free(job);
 }
@@ -359,12 +371,7 @@ static napi_value zero_map(napi_env env, napi_callback_info info) {
     free(job);
     return throw_errno(env, "malloc");
   }
-  napi_value promise, name;
-  napi_create_promise(env, &job->deferred, &promise);
-  napi_create_string_utf8(env, "vmferry:zeroMap", NAPI_AUTO_LENGTH, &name);
-  napi_create_async_work(env, NULL, name, zero_map_execute, zero_map_complete, job, &job->work);
-  napi_queue_async_work(env, job->work);
-  return promise;
+  return queue_job(env, "vmferry:zeroMap", zero_map_execute, zero_map_complete, job, &job->deferred, &job->work);
 }
 
 #define ADLER_MOD 65521

@@ -77,13 +77,23 @@ test('writing into a mapped window changes neither the source file nor later rea
   }
 });
 
+/**
+ * 512 KiB of zeros with one non-zero byte in each of these places: the first 4 KiB read, the later
+ * large reads, the last byte, and a byte whose 64-byte step is only partly inside a range asked about.
+ */
+const MARKED_SIZE = 512 * 1024;
+function markedFile(prefix: string): string {
+  const content = Buffer.alloc(MARKED_SIZE);
+  for (const m of [17, 4096, 70000, 200000, MARKED_SIZE - 1]) content[m] = 0x5a;
+  const path = join(tmpDir(prefix), 'zeros.raw');
+  writeFileSync(path, content);
+  return path;
+}
+
 test('zeroMap flags each cluster of a range as zeroAt judges it, and refuses unreadable ranges', async () => {
   const native = nativeHelper()!;
-  const size = 512 * 1024;
-  const content = Buffer.alloc(size);
-  for (const m of [17, 4096, 70000, 200000, size - 1]) content[m] = 0x5a;
-  const path = join(tmpDir('vmferry-zero-map-'), 'zeros.raw');
-  writeFileSync(path, content);
+  const size = MARKED_SIZE;
+  const path = markedFile('vmferry-zero-map-');
   const src = FileSource.open(path);
   try {
     const bytes = readFileSync(path);
@@ -117,14 +127,8 @@ test('zeroMap flags each cluster of a range as zeroAt judges it, and refuses unr
 
 test('zeroAt tells zero file ranges from data anywhere in them, and unreadable ones', async () => {
   const native = nativeHelper()!;
-  const size = 512 * 1024;
-  const content = Buffer.alloc(size);
-  // One non-zero byte in each of these places: the first 4 KiB read, the later large reads, the
-  // last byte, and a byte whose 64-byte step is only partly inside the range asked about.
-  const marks = [17, 4096, 70000, 200000, size - 1];
-  for (const m of marks) content[m] = 0x5a;
-  const path = join(tmpDir('vmferry-zero-at-'), 'zeros.raw');
-  writeFileSync(path, content);
+  const size = MARKED_SIZE;
+  const path = markedFile('vmferry-zero-at-');
   const src = FileSource.open(path);
   try {
     // Every range is judged against the bytes node's readFileSync sees.
