@@ -109,9 +109,8 @@ export class CompressPool {
     else {
       let total = 0;
       for (const u of units) total += u.packed.length;
-      packed = this.spareIn.pop();
-      if (!packed || packed.byteLength < total) packed = new ArrayBuffer(Math.max(total, chunk.length + (chunk.length >> 4)));
-      view = Buffer.from(packed);
+      view = this.packedMemory(total);
+      packed = view.buffer as ArrayBuffer;
     }
     let pos = 0;
     for (const u of units) {
