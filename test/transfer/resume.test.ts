@@ -92,12 +92,24 @@ test('kill -9 of the agent at random points: a restarted agent resumes from its 
     for (const [seed, fmt, opts] of AGENT_KILL_CASES) {
       const rnd = prng(seed);
       const name = `agent-kill-${seed}.${fmt}`;
-      // Late enough that several 2 MiB checkpoints were taken, early enough to beat the end.
-      const killAt = 900 + Math.floor(rnd() * 900);
+      // Late enough that several 2 MiB checkpoints were taken, early enough to beat the end. The
+      // clock starts when the agent opens the output: counted from the sender's launch, its
+      // start-up under a loaded CI (up to a second) decided how far the transfer got, once only
+      // 8 MB of 47.
+      const killAt = 500 + Math.floor(rnd() * 900);
       const victim = agent;
-      const timer = setTimeout(() => victim.child.kill('SIGKILL'), killAt);
+      let timer: NodeJS.Timeout | undefined;
+      const partial = join(root, '.vmferry-partial');
+      const watch = setInterval(() => {
+        if (!readdirSync(partial).some((f) => f.includes(name))) return;
+        clearInterval(watch);
+        timer = setTimeout(() => victim.child.kill('SIGKILL'), killAt);
+      }, 10);
       const first = await sendChild([...COMMON, '-O', fmt, ...opts, '--rate', rate, src, `${agent.url}/${name}`], env);
+      clearInterval(watch);
       clearTimeout(timer);
+      // A send that beat the kill fails the assertion below instead of waiting for the agent forever.
+      victim.child.kill('SIGKILL');
       await exited(victim.child);
       assert.notEqual(first.code, 0, `the first send finished before the agent was killed at ${killAt} ms`);
       const m = /\((\d+) bytes were sent in this run/.exec(first.stderr);
