@@ -136,13 +136,9 @@ export async function copyDisk(reader: DiskReader, writer: DiskWriter, options: 
     const data = buffer.subarray(0, piece.length);
     const base = baseline ? await readBaseline(baseline, piece.offset, piece.length) : null;
     const flags = mapped && !base ? await zeroFlagsInFile(data, piece.offset, unit) : null;
-    const runs = classify(
-      piece.offset,
-      data,
-      base,
-      unit,
-      flags ? flagTest(piece.offset, unit, flags) : mapped ? isZeroInFile : isZero,
-    );
+    const runs = flags
+      ? runsFromFlags(piece.offset, data.length, unit, flags)
+      : classify(piece.offset, data, base, unit, mapped ? isZeroInFile : isZero);
     if (!compressing || !runs.some((r) => r.kind === 'data')) {
       return { ops: runsToOps(piece.offset, data, runs), covered: piece.length, buffer };
     }
@@ -310,10 +306,24 @@ async function zeroFlagsInFile(data: Buffer, pos: number, unit: number): Promise
   return flags;
 }
 
-/** classify's zero test from zeroMap's flags: the cluster at chunk index `start` is looked up. */
-function flagTest(pos: number, unit: number, flags: Buffer): (buf: Buffer, start: number) => boolean {
-  const first = nextBoundary(pos, 0, unit, Number.POSITIVE_INFINITY);
-  return (_buf, start) => flags[start < first ? 0 : 1 + Math.floor((start - first) / unit)] === 1;
+/**
+ * The data and zero runs of a `length`-byte piece at guest offset `pos` from zeroMap's flags (one
+ * per cluster, 1 for zero; the first covers up to the first cluster boundary). Found a run at a
+ * time with indexOf: a call per cluster made this loop and classify's hot enough to be compiled
+ * (12 ms of a second core on the os disk, whose 4,000 clusters fall in 70 runs).
+ */
+function runsFromFlags(pos: number, length: number, unit: number, flags: Buffer): Run[] {
+  const first = nextBoundary(pos, 0, unit, length);
+  const offsetOf = (k: number) => (k === 0 ? 0 : Math.min(length, first + (k - 1) * unit));
+  const runs: Run[] = [];
+  for (let k = 0; k < flags.length; ) {
+    const zero = flags[k] === 1;
+    const next = flags.indexOf(zero ? 0 : 1, k + 1);
+    const stop = next === -1 ? flags.length : next;
+    runs.push({ kind: zero ? 'zero' : 'data', start: offsetOf(k), end: stop === flags.length ? length : offsetOf(stop) });
+    k = stop;
+  }
+  return runs;
 }
 
 /** Splits `data` (at guest offset `pos`) into runs of data / zero / same-as-baseline clusters. */
