@@ -1,6 +1,7 @@
 import { adoptMarked, markFile, seal, unseal } from '../../disk/checkpoint.js';
 import { UnsupportedFeatureError, UsageError, VmferryError } from '../../disk/errors.js';
 import { checkKnownOptions, parseBoolOption } from '../../disk/options.js';
+import { firstOtherThan } from '../../disk/scan.js';
 import { type ByteSink, openSink } from '../../disk/sink.js';
 import type { CreateOptions, DiskWriter } from '../../disk/types.js';
 import {
@@ -226,10 +227,10 @@ export class VdiWriter implements DiskWriter {
       const p = Math.floor(block / PAGE_ENTRIES);
       const page = this.pages.get(p);
       // Free blocks are skipped in a tight scan of the map (a sparse terabyte is a million blocks).
-      let next = block;
       const stop = Math.min((p + 1) * PAGE_ENTRIES, Math.ceil(end / BS));
-      if (!page) next = stop;
-      else while (next < stop && page[next - p * PAGE_ENTRIES] === BLOCK_FREE) next++;
+      const next = page
+        ? p * PAGE_ENTRIES + firstOtherThan(page, BLOCK_FREE, block - p * PAGE_ENTRIES, stop - p * PAGE_ENTRIES)
+        : stop;
       if (next > block) {
         pos = Math.min(end, next * BS);
         continue;

@@ -3,6 +3,7 @@ import { basename, resolve } from 'node:path';
 import { adoptMarked, markFile, seal, unseal } from '../../disk/checkpoint.js';
 import { UnsupportedFeatureError, UsageError, VmferryError } from '../../disk/errors.js';
 import { checkKnownOptions, parseBoolOption } from '../../disk/options.js';
+import { firstOtherThan } from '../../disk/scan.js';
 import { AtomicFileSink, type ByteSink, openSink } from '../../disk/sink.js';
 import type { CreateOptions, DiskWriter, OpenOptions } from '../../disk/types.js';
 import {
@@ -242,9 +243,7 @@ export class VpcWriter implements DiskWriter {
       if (!differencing && this.bat[block] === BAT_UNUSED) {
         // Unallocated blocks of a dynamic disk read as zeros: a tight scan to the next allocated
         // one (a sparse terabyte is half a million blocks; the general step cost 26 ms).
-        let next = block + 1;
-        const stop = Math.ceil(end / DEFAULT_BLOCK_SIZE);
-        while (next < stop && this.bat[next] === BAT_UNUSED) next++;
+        const next = firstOtherThan(this.bat, BAT_UNUSED, block + 1, Math.ceil(end / DEFAULT_BLOCK_SIZE));
         pos = Math.min(end, next * DEFAULT_BLOCK_SIZE);
         continue;
       }
