@@ -1,5 +1,5 @@
 // Small helpers Node's fs lacks: SEEK_DATA/SEEK_HOLE so raw files map their holes
-// without reading them, hole punching for sparse raw output, read windows that map a file's
+// without reading them, FIEMAP for their unwritten (preallocated, reading as zeros) extents, hole punching for sparse raw output, read windows that map a file's
 // pages instead of copying them, copy_file_range so stored-as-is data goes from the source's
 // page cache to the output's inside the kernel, preallocation of what is about to be written,
 // zero tests that read a file instead of a mapping, and the byte loops of the compress workers
@@ -14,6 +14,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <linux/fiemap.h>
+#include <linux/fs.h>
+#include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -47,6 +50,69 @@ static napi_value seek_data_hole(napi_env env, napi_callback_info info) {
     return throw_errno(env, "lseek");
   }
   napi_create_int64(env, (int64_t)r, &out);
+  return out;
+}
+
+// unwritten(fd, from, to) -> [start0, end0, start1, end1, ...]: the file's unwritten extents
+// (allocated, reading as zeros) within [from, to), or null when the file system has no FIEMAP.
+// FIEMAP_FLAG_SYNC writes dirty pages back first: data written into a preallocated extent stays
+// flagged unwritten until then. SEEK_DATA cannot tell these zeros apart, since once read their
+// pages are cached, and ext4 then reports them as data.
+#define FIEMAP_BATCH 256
+static napi_value unwritten_extents(napi_env env, napi_callback_info info) {
+  size_t argc = 3;
+  napi_value argv[3];
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  int32_t fd;
+  int64_t from, to;
+  if (argc < 3 || napi_get_value_int32(env, argv[0], &fd) != napi_ok ||
+      napi_get_value_int64(env, argv[1], &from) != napi_ok || napi_get_value_int64(env, argv[2], &to) != napi_ok ||
+      from < 0 || to < from) {
+    napi_throw_type_error(env, NULL, "unwritten(fd, from, to)");
+    return NULL;
+  }
+  napi_value out, nothing;
+  napi_get_null(env, &nothing);
+  struct fiemap *fm = calloc(1, sizeof(struct fiemap) + FIEMAP_BATCH * sizeof(struct fiemap_extent));
+  if (!fm) return nothing;
+  napi_create_array(env, &out);
+  uint32_t n = 0;
+  uint64_t pos = (uint64_t)from;
+  uint32_t flags = FIEMAP_FLAG_SYNC;
+  const uint32_t unsure = FIEMAP_EXTENT_UNKNOWN | FIEMAP_EXTENT_DELALLOC | FIEMAP_EXTENT_ENCODED |
+                          FIEMAP_EXTENT_DATA_ENCRYPTED | FIEMAP_EXTENT_DATA_INLINE | FIEMAP_EXTENT_DATA_TAIL;
+  while (pos < (uint64_t)to) {
+    memset(fm, 0, sizeof(struct fiemap));
+    fm->fm_start = pos;
+    fm->fm_length = (uint64_t)to - pos;
+    fm->fm_flags = flags;
+    fm->fm_extent_count = FIEMAP_BATCH;
+    if (ioctl(fd, FS_IOC_FIEMAP, fm) < 0) {
+      free(fm);
+      return nothing;
+    }
+    flags = 0; // one write-back is enough
+    if (fm->fm_mapped_extents == 0) break;
+    int last = 0;
+    for (uint32_t i = 0; i < fm->fm_mapped_extents; i++) {
+      struct fiemap_extent *e = &fm->fm_extents[i];
+      uint64_t s = e->fe_logical, end = e->fe_logical + e->fe_length;
+      if ((e->fe_flags & FIEMAP_EXTENT_UNWRITTEN) && !(e->fe_flags & unsure)) {
+        uint64_t a = s < pos ? pos : s, b = end > (uint64_t)to ? (uint64_t)to : end;
+        if (a < b) {
+          napi_value va, vb;
+          napi_create_double(env, (double)a, &va);
+          napi_create_double(env, (double)b, &vb);
+          napi_set_element(env, out, n++, va);
+          napi_set_element(env, out, n++, vb);
+        }
+      }
+      if (end > pos) pos = end;
+      if (e->fe_flags & FIEMAP_EXTENT_LAST) last = 1;
+    }
+    if (last) break;
+  }
+  free(fm);
   return out;
 }
 
@@ -487,6 +553,7 @@ static napi_value looks_incompressible(napi_env env, napi_callback_info info) {
 static napi_value init(napi_env env, napi_value exports) {
   napi_property_descriptor props[] = {
       {"seek", NULL, seek_data_hole, NULL, NULL, NULL, napi_default, NULL},
+      {"unwritten", NULL, unwritten_extents, NULL, NULL, NULL, napi_default, NULL},
       {"punchHole", NULL, punch_hole, NULL, NULL, NULL, napi_default, NULL},
       {"mapWindow", NULL, map_window, NULL, NULL, NULL, napi_default, NULL},
       {"mapFile", NULL, map_file, NULL, NULL, NULL, napi_default, NULL},

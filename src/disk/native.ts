@@ -1,9 +1,15 @@
 import { createRequire } from 'node:module';
 
-/** The optional C helper (native/): SEEK_DATA/SEEK_HOLE, hole punching, mapped read windows, copy_file_range, preallocation, zero tests (on the calling thread or the pool), Adler-32, the incompressibility test. */
+/** The optional C helper (native/): SEEK_DATA/SEEK_HOLE, unwritten extents (FIEMAP), hole punching, mapped read windows, copy_file_range, preallocation, zero tests (on the calling thread or the pool), Adler-32, the incompressibility test. */
 export interface NativeHelper {
   /** Next data (which = 0) or hole (which = 1) offset at or after `offset`; -1 when none. */
   seek(fd: number, offset: number, which: 0 | 1): number;
+  /**
+   * The file's unwritten extents (allocated, reading as zeros) within [from, to), as flat
+   * [start, end, start, end, ...] pairs; null when the file system cannot say (no FIEMAP).
+   * Dirty pages are written back first, so data written into such an extent is never missed.
+   */
+  unwritten(fd: number, from: number, to: number): number[] | null;
   punchHole(fd: number, offset: number, length: number): boolean;
   /** Page-aligned private memory that mapFile can point at a file's pages. */
   mapWindow(length: number): Buffer;

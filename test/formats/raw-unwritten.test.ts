@@ -1,0 +1,96 @@
+/**
+ * Unwritten extents of a raw file (allocated by fallocate, reading as zeros) are zero extents,
+ * even once their pages are cached and SEEK_DATA reports them as data; data written into such an
+ * extent and not yet written back is still data. Judges: the layout the test itself made with
+ * util-linux fallocate, and qemu-img (compare, and map of the output).
+ */
+import assert from 'node:assert/strict';
+import { closeSync, openSync, readFileSync, writeSync } from 'node:fs';
+import { join } from 'node:path';
+import { test } from 'node:test';
+import { nativeHelper } from '../../src/disk/native.js';
+import { openImage } from '../../src/disk/registry.js';
+import type { Extent } from '../../src/disk/types.js';
+import '../../src/formats/index.js';
+import { qemuImg, runOk, tmpDir, vmferryBin } from '../helpers/index.js';
+import { patternBuffer } from '../helpers/pattern.js';
+
+const MiB = 1024 * 1024;
+
+/** 8 MiB: pattern data at [0, 1) and [7, 8) MiB, a hole between, and [2, 6) MiB fallocated. */
+function preallocatedRaw(dir: string): string {
+  const path = join(dir, 'prealloc.raw');
+  const fd = openSync(path, 'w');
+  writeSync(fd, patternBuffer(MiB, 21), 0, MiB, 0);
+  writeSync(fd, patternBuffer(MiB, 22), 0, MiB, 7 * MiB);
+  closeSync(fd);
+  runOk('fallocate', ['--offset', String(2 * MiB), '--length', String(4 * MiB), path]);
+  return path;
+}
+
+/** The output's data ranges, as qemu-img maps them. */
+function qemuDataRanges(path: string): [number, number][] {
+  const map = JSON.parse(qemuImg('map', '--output=json', path)) as { start: number; length: number; data: boolean }[];
+  return map.filter((e) => e.data).map((e) => [e.start, e.start + e.length]);
+}
+
+const overlaps = (ranges: [number, number][], from: number, to: number) => ranges.some(([s, e]) => s < to && from < e);
+
+/** Whether this temp folder's file system reports unwritten extents (ext4, xfs, btrfs do; tmpfs does not). */
+function fiemapHere(path: string): boolean {
+  const native = nativeHelper();
+  if (!native) return false;
+  const fd = openSync(path, 'r');
+  try {
+    return native.unwritten(fd, 0, 8 * MiB) !== null;
+  } finally {
+    closeSync(fd);
+  }
+}
+
+test('unwritten extents read once (cached) still map and convert as zeros', async (t) => {
+  const dir = tmpDir('vmferry-unwritten-');
+  const path = preallocatedRaw(dir);
+  if (!fiemapHere(path)) {
+    t.skip('the temp folder is on a file system without FIEMAP (or the native helper is not built)');
+    return;
+  }
+  // Cache the extent's pages: ext4's SEEK_DATA then reports it as data (what made copies read it).
+  assert.ok(
+    readFileSync(path)
+      .subarray(2 * MiB, 6 * MiB)
+      .every((b) => b === 0),
+  );
+  const reader = await openImage(path, {});
+  try {
+    const extents: Extent[] = [];
+    for await (const e of reader.extents()) extents.push(e);
+    const zeroAt = (pos: number) => extents.some((e) => e.kind === 'zero' && e.offset <= pos && pos < e.offset + e.length);
+    for (let pos = 2 * MiB; pos < 6 * MiB; pos += MiB) assert.ok(zeroAt(pos), `the fallocated MiB at ${pos} maps as zero`);
+    const dataAt = (pos: number) => extents.some((e) => e.kind === 'data' && e.offset <= pos && pos < e.offset + e.length);
+    assert.ok(dataAt(0) && dataAt(7 * MiB + 4096), 'the written MiBs map as data');
+  } finally {
+    await reader.close();
+  }
+  const out = join(dir, 'out.qcow2');
+  runOk(process.execPath, [vmferryBin, 'convert', '-O', 'qcow2', path, out]);
+  qemuImg('compare', '-f', 'raw', '-F', 'qcow2', path, out);
+  assert.ok(!overlaps(qemuDataRanges(out), 2 * MiB, 6 * MiB), 'no cluster of the fallocated range is stored');
+});
+
+test('data written into an unwritten extent and not yet written back is copied', async (t) => {
+  const dir = tmpDir('vmferry-unwritten-');
+  const path = preallocatedRaw(dir);
+  if (!fiemapHere(path)) {
+    t.skip('the temp folder is on a file system without FIEMAP (or the native helper is not built)');
+    return;
+  }
+  // Only in the page cache: the extent stays flagged unwritten until write-back converts it.
+  const fd = openSync(path, 'r+');
+  writeSync(fd, patternBuffer(64 * 1024, 23), 0, 64 * 1024, 3 * MiB + 8192);
+  closeSync(fd);
+  const out = join(dir, 'out.qcow2');
+  runOk(process.execPath, [vmferryBin, 'convert', '-O', 'qcow2', path, out]);
+  qemuImg('compare', '-f', 'raw', '-F', 'qcow2', path, out);
+  assert.ok(overlaps(qemuDataRanges(out), 3 * MiB + 8192, 3 * MiB + 8192 + 64 * 1024), 'the written piece is stored');
+});
