@@ -59,3 +59,17 @@ export function sparseRawImage(virtualSize: number, name = `sparse-${virtualSize
     closeSync(fd);
   });
 }
+
+/**
+ * A file's unwritten extents (allocated, reading as zeros) as e2fsprogs' filefrag reports them:
+ * [start, end) byte ranges. qemu-img map counts them as data once their pages are cached.
+ */
+export function unwrittenRanges(path: string): [number, number][] {
+  const out = runOk('filefrag', ['-v', path]);
+  const block = Number(/blocks of (\d+) bytes/.exec(out)?.[1] ?? Number.NaN);
+  const ranges: [number, number][] = [];
+  for (const m of out.matchAll(/^\s*\d+:\s+(\d+)\.\.\s*(\d+):.*\bunwritten\b/gm)) {
+    ranges.push([Number(m[1]) * block, (Number(m[2]) + 1) * block]);
+  }
+  return ranges;
+}
