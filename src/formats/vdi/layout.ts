@@ -4,7 +4,7 @@
  * VDIHEADER1 without the LCHS geometry), the block map and the blocks.
  */
 
-import { nodeCrypto } from '../../disk/builtins.js';
+import { randomBytes } from '../../disk/builtins.js';
 import { CorruptImageError, UnsupportedFeatureError } from '../../disk/errors.js';
 
 export const VDI_SIGNATURE = 0xbeda107f;
@@ -159,7 +159,7 @@ export function encodeHeader(h: Omit<VdiHeader, 'version' | 'headerSize'>): Buff
 
 /** A random (version 4) UUID in VirtualBox's byte order (RTUUID: first three fields little-endian). */
 export function newUuid(): Buffer {
-  const id = nodeCrypto().randomBytes(16);
+  const id = randomBytes(16);
   id[7] = (id[7]! & 0x0f) | 0x40;
   id[8] = (id[8]! & 0x3f) | 0x80;
   return id;

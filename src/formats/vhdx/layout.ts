@@ -4,7 +4,7 @@
  * against the specification's bounds and the file's size before it sizes anything.
  */
 
-import { nodeCrypto } from '../../disk/builtins.js';
+import { randomBytes } from '../../disk/builtins.js';
 import { CorruptImageError, UnsupportedFeatureError } from '../../disk/errors.js';
 import { crc32cWithZeroField, stampCrc32c } from './crc32c.js';
 
@@ -94,7 +94,7 @@ export function parseGuidText(text: string): string | null {
 
 /** A random (version 4) GUID. */
 export function randomGuid(): string {
-  const b = nodeCrypto().randomBytes(16);
+  const b = randomBytes(16);
   b[6] = (b[6]! & 0x0f) | 0x40;
   b[8] = (b[8]! & 0x3f) | 0x80;
   const h = b.toString('hex');

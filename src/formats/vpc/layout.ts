@@ -4,7 +4,7 @@
  * Field meanings follow Microsoft's "Virtual Hard Disk Image Format Specification".
  */
 
-import { nodeCrypto } from '../../disk/builtins.js';
+import { randomBytes } from '../../disk/builtins.js';
 import { CorruptImageError, UnsupportedFeatureError } from '../../disk/errors.js';
 
 export const SECTOR = 512;
@@ -353,7 +353,7 @@ export function bitmapSize(blockSize: number): number {
 }
 
 export function newUniqueId(): Buffer {
-  const id = nodeCrypto().randomBytes(16);
+  const id = randomBytes(16);
   id[6] = (id[6]! & 0x0f) | 0x40;
   id[8] = (id[8]! & 0x3f) | 0x80;
   return id;
