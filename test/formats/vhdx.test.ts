@@ -7,9 +7,10 @@ import { test } from 'node:test';
 import { copyDisk } from '../../src/convert/pipeline.js';
 import { collectExtents } from '../../src/disk/chain.js';
 import { UsageError } from '../../src/disk/errors.js';
+import { nativeHelper } from '../../src/disk/native.js';
 import { openImage } from '../../src/disk/registry.js';
 import '../../src/formats/index.js';
-import { crc32c } from '../../src/formats/vhdx/crc32c.js';
+import { crc32c, crc32cPortable } from '../../src/formats/vhdx/crc32c.js';
 import { vhdxDriver } from '../../src/formats/vhdx/index.js';
 import { realisticRawImage, sparseRawImage } from '../helpers/images.js';
 import {
@@ -24,13 +25,36 @@ import {
   tmpDir,
   vmferry,
 } from '../helpers/index.js';
+import { patternBuffer } from '../helpers/pattern.js';
 
 const MiB = 1024 * 1024;
 const GiB = 1024 * MiB;
 
 test('CRC-32C matches the published check value (Castagnoli, "123456789" -> 0xe3069283)', () => {
-  assert.equal(crc32c(Buffer.from('123456789')), 0xe3069283);
-  assert.equal(crc32c(Buffer.alloc(32)), 0x8a9136aa); // RFC 3720 B.4: 32 bytes of zeros
+  for (const f of [crc32c, crc32cPortable]) {
+    assert.equal(f(Buffer.from('123456789')), 0xe3069283);
+    assert.equal(f(Buffer.alloc(32)), 0x8a9136aa); // RFC 3720 B.4: 32 bytes of zeros
+    assert.equal(f(Buffer.alloc(32, 0xff)), 0x62a8ab43); // RFC 3720 B.4: 32 bytes of 0xff
+    assert.equal(f(Buffer.from(Array.from({ length: 32 }, (_, i) => i))), 0x46dd794e); // RFC 3720 B.4: 0..31
+  }
+});
+
+test('the native CRC-32C (SSE4.2) agrees with the portable one at every length, alignment and continuation', (t) => {
+  if (!nativeHelper()) {
+    t.skip('the native helper is not built: crc32c is the portable one');
+    return;
+  }
+  const data = patternBuffer(70000, 31);
+  for (const at of [0, 1, 3, 7]) {
+    for (let n = 0; n <= 300; n++)
+      assert.equal(crc32c(data.subarray(at, at + n)), crc32cPortable(data.subarray(at, at + n)), `${n} at ${at}`);
+    const big = data.subarray(at, at + 65536 + 13);
+    assert.equal(crc32c(big), crc32cPortable(big), `64 KiB at ${at}`);
+    // Continued over two pieces, split at an odd place, as crc32cWithZeroField does.
+    assert.equal(crc32c(big.subarray(1001), crc32c(big.subarray(0, 1001))), crc32cPortable(big));
+  }
+  // Not a Buffer: a plain Uint8Array (the zero field) is accepted as well.
+  assert.equal(crc32c(new Uint8Array(4), 5), crc32cPortable(new Uint8Array(4), 5));
 });
 
 test('corpus dynamic.vhdx (Hyper-V, 32 MiB blocks) reads with the README content hash, as pyvhdi does', async () => {
