@@ -332,6 +332,17 @@ export class Qcow2Writer implements DiskWriter {
       runLen = 0;
       runHost = -1;
     };
+    // Guest bytes [from, to) go to host `hostPos`: onto the pending write when they follow it there.
+    const extend = async (hostPos: number, from: number, to: number) => {
+      if (runLen > 0 && runHost + runLen === hostPos) {
+        runLen += to - from;
+        return;
+      }
+      await flush();
+      runHost = hostPos;
+      runData = from - offset;
+      runLen = to - from;
+    };
     let pos = offset;
     while (pos < end) {
       const cluster = Math.floor(pos / cs);
@@ -351,14 +362,7 @@ export class Qcow2Writer implements DiskWriter {
         const host = this.allocClusters(count);
         setDataEntries(t, i, count, host, cs);
         const runEnd = Math.min(end, (cluster + count) * cs);
-        const hostPos = host + (pos - clusterStart);
-        if (runLen > 0 && runHost + runLen === hostPos) runLen += runEnd - pos;
-        else {
-          await flush();
-          runHost = hostPos;
-          runData = pos - offset;
-          runLen = runEnd - pos;
-        }
+        await extend(host + (pos - clusterStart), pos, runEnd);
         pos = runEnd;
         continue;
       }
@@ -418,14 +422,7 @@ export class Qcow2Writer implements DiskWriter {
         }
       }
       if (t.alloc) await this.markSubclusters(t, i, host, clusterStart, pos, pieceEnd, flush);
-      const hostPos = host + (pos - clusterStart);
-      if (runLen > 0 && runHost + runLen === hostPos) runLen += pieceEnd - pos;
-      else {
-        await flush();
-        runHost = hostPos;
-        runData = pos - offset;
-        runLen = pieceEnd - pos;
-      }
+      await extend(host + (pos - clusterStart), pos, pieceEnd);
       pos = pieceEnd;
     }
     await flush();
