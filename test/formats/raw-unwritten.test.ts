@@ -7,7 +7,7 @@
 import assert from 'node:assert/strict';
 import { closeSync, openSync, readFileSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
-import { test } from 'node:test';
+import { type TestContext, test } from 'node:test';
 import { nativeHelper } from '../../src/disk/native.js';
 import { openImage } from '../../src/disk/registry.js';
 import type { Extent } from '../../src/disk/types.js';
@@ -36,25 +36,28 @@ function qemuDataRanges(path: string): [number, number][] {
 
 const overlaps = (ranges: [number, number][], from: number, to: number) => ranges.some(([s, e]) => s < to && from < e);
 
-/** Whether this temp folder's file system reports unwritten extents (ext4, xfs, btrfs do; tmpfs does not). */
-function fiemapHere(path: string): boolean {
+/**
+ * preallocatedRaw in a new temp folder; null (the test skipped) where that folder's file system
+ * reports no unwritten extents (ext4, xfs and btrfs do; tmpfs does not) or the helper is not built.
+ */
+function fixture(t: TestContext): { dir: string; path: string } | null {
+  const dir = tmpDir('vmferry-unwritten-');
+  const path = preallocatedRaw(dir);
   const native = nativeHelper();
-  if (!native) return false;
   const fd = openSync(path, 'r');
   try {
-    return native.unwritten(fd, 0, 8 * MiB) !== null;
+    if (native?.unwritten(fd, 0, 8 * MiB)) return { dir, path };
   } finally {
     closeSync(fd);
   }
+  t.skip('the temp folder is on a file system without FIEMAP (or the native helper is not built)');
+  return null;
 }
 
 test('unwritten extents read once (cached) still map and convert as zeros', async (t) => {
-  const dir = tmpDir('vmferry-unwritten-');
-  const path = preallocatedRaw(dir);
-  if (!fiemapHere(path)) {
-    t.skip('the temp folder is on a file system without FIEMAP (or the native helper is not built)');
-    return;
-  }
+  const made = fixture(t);
+  if (!made) return;
+  const { dir, path } = made;
   // Cache the extent's pages: ext4's SEEK_DATA then reports it as data (what made copies read it).
   assert.ok(
     readFileSync(path)
@@ -79,12 +82,9 @@ test('unwritten extents read once (cached) still map and convert as zeros', asyn
 });
 
 test('data written into an unwritten extent and not yet written back is copied', async (t) => {
-  const dir = tmpDir('vmferry-unwritten-');
-  const path = preallocatedRaw(dir);
-  if (!fiemapHere(path)) {
-    t.skip('the temp folder is on a file system without FIEMAP (or the native helper is not built)');
-    return;
-  }
+  const made = fixture(t);
+  if (!made) return;
+  const { dir, path } = made;
   // Only in the page cache: the extent stays flagged unwritten until write-back converts it.
   const fd = openSync(path, 'r+');
   writeSync(fd, patternBuffer(64 * 1024, 23), 0, 64 * 1024, 3 * MiB + 8192);
