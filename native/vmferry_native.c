@@ -93,6 +93,7 @@ static napi_value unwritten_extents(napi_env env, napi_callback_info info) {
     }
     flags = 0; // one write-back is enough
     if (fm->fm_mapped_extents == 0) break;
+    const uint64_t asked = pos;
     int last = 0;
     for (uint32_t i = 0; i < fm->fm_mapped_extents; i++) {
       struct fiemap_extent *e = &fm->fm_extents[i];
@@ -110,7 +111,7 @@ static napi_value unwritten_extents(napi_env env, napi_callback_info info) {
       if (end > pos) pos = end;
       if (e->fe_flags & FIEMAP_EXTENT_LAST) last = 1;
     }
-    if (last) break;
+    if (last || pos == asked) break; // the end, or a reply that would ask the same again forever
   }
   free(fm);
   return out;

@@ -12,6 +12,7 @@ import { nativeHelper } from '../../src/disk/native.js';
 import { openImage } from '../../src/disk/registry.js';
 import type { Extent } from '../../src/disk/types.js';
 import '../../src/formats/index.js';
+import { unwrittenRanges } from '../helpers/images.js';
 import { qemuImg, runOk, tmpDir, vmferryBin } from '../helpers/index.js';
 import { patternBuffer } from '../helpers/pattern.js';
 
@@ -93,4 +94,36 @@ test('data written into an unwritten extent and not yet written back is copied',
   runOk(process.execPath, [vmferryBin, 'convert', '-O', 'qcow2', path, out]);
   qemuImg('compare', '-f', 'raw', '-F', 'qcow2', path, out);
   assert.ok(overlaps(qemuDataRanges(out), 3 * MiB + 8192, 3 * MiB + 8192 + 64 * 1024), 'the written piece is stored');
+});
+
+test('unwritten extents past one FIEMAP batch (600 extents) are all found, as filefrag lists them', (t) => {
+  const native = nativeHelper();
+  if (!native) {
+    t.skip('the native helper is not built');
+    return;
+  }
+  const path = join(tmpDir('vmferry-unwritten-'), 'many.raw');
+  const fd = openSync(path, 'w');
+  try {
+    // 300 written 64 KiB pieces, each followed by 64 KiB made an unwritten extent.
+    for (let i = 0; i < 300; i++) {
+      writeSync(fd, patternBuffer(64 * 1024, 40 + i), 0, 64 * 1024, i * 256 * 1024);
+      native.preallocate(fd, i * 256 * 1024 + 128 * 1024, 64 * 1024);
+    }
+  } finally {
+    closeSync(fd);
+  }
+  const expected = unwrittenRanges(path);
+  const rd = openSync(path, 'r');
+  try {
+    const found = native.unwritten(rd, 0, 300 * 256 * 1024);
+    if (found === null) {
+      t.skip('the temp folder is on a file system without FIEMAP');
+      return;
+    }
+    assert.equal(expected.length, 300, 'filefrag lists the 300 unwritten extents the test made');
+    assert.deepEqual(found, expected.flat());
+  } finally {
+    closeSync(rd);
+  }
 });
