@@ -53,6 +53,16 @@ static napi_value seek_data_hole(napi_env env, napi_callback_info info) {
   return out;
 }
 
+// Reads the (fd, a, b) arguments that unwritten, punchHole and preallocate take; 0 when they are
+// missing or not numbers (the caller throws its own usage line, after its own range checks).
+static int fd_and_two_int64(napi_env env, napi_callback_info info, int32_t *fd, int64_t *a, int64_t *b) {
+  size_t argc = 3;
+  napi_value argv[3];
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  return argc >= 3 && napi_get_value_int32(env, argv[0], fd) == napi_ok && napi_get_value_int64(env, argv[1], a) == napi_ok &&
+         napi_get_value_int64(env, argv[2], b) == napi_ok;
+}
+
 // unwritten(fd, from, to) -> [start0, end0, start1, end1, ...]: the file's unwritten extents
 // (allocated, reading as zeros) within [from, to), or null when the file system has no FIEMAP.
 // FIEMAP_FLAG_SYNC writes dirty pages back first: data written into a preallocated extent stays
@@ -60,14 +70,9 @@ static napi_value seek_data_hole(napi_env env, napi_callback_info info) {
 // pages are cached, and ext4 then reports them as data.
 #define FIEMAP_BATCH 256
 static napi_value unwritten_extents(napi_env env, napi_callback_info info) {
-  size_t argc = 3;
-  napi_value argv[3];
-  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
   int32_t fd;
   int64_t from, to;
-  if (argc < 3 || napi_get_value_int32(env, argv[0], &fd) != napi_ok ||
-      napi_get_value_int64(env, argv[1], &from) != napi_ok || napi_get_value_int64(env, argv[2], &to) != napi_ok ||
-      from < 0 || to < from) {
+  if (!fd_and_two_int64(env, info, &fd, &from, &to) || from < 0 || to < from) {
     napi_throw_type_error(env, NULL, "unwritten(fd, from, to)");
     return NULL;
   }
@@ -119,14 +124,9 @@ static napi_value unwritten_extents(napi_env env, napi_callback_info info) {
 
 // punchHole(fd, offset, length): deallocate a range, keeping the file size
 static napi_value punch_hole(napi_env env, napi_callback_info info) {
-  size_t argc = 3;
-  napi_value argv[3];
-  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
   int32_t fd;
   int64_t offset, length;
-  if (argc < 3 || napi_get_value_int32(env, argv[0], &fd) != napi_ok ||
-      napi_get_value_int64(env, argv[1], &offset) != napi_ok ||
-      napi_get_value_int64(env, argv[2], &length) != napi_ok) {
+  if (!fd_and_two_int64(env, info, &fd, &offset, &length)) {
     napi_throw_type_error(env, NULL, "punchHole(fd, offset, length)");
     return NULL;
   }
@@ -149,14 +149,9 @@ static void preallocate(int fd, int64_t offset, int64_t length) {
 
 // preallocate(fd, offset, length): the same, for large writes from memory.
 static napi_value preallocate_range(napi_env env, napi_callback_info info) {
-  size_t argc = 3;
-  napi_value argv[3];
-  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
   int32_t fd;
   int64_t offset, length;
-  if (argc < 3 || napi_get_value_int32(env, argv[0], &fd) != napi_ok ||
-      napi_get_value_int64(env, argv[1], &offset) != napi_ok || napi_get_value_int64(env, argv[2], &length) != napi_ok ||
-      offset < 0 || length < 0) {
+  if (!fd_and_two_int64(env, info, &fd, &offset, &length) || offset < 0 || length < 0) {
     napi_throw_type_error(env, NULL, "preallocate(fd, offset, length)");
     return NULL;
   }
