@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -d node_modules ] || npm ci --no-audit --no-fund
-[ -f dist/src/cli/main.js ] || npx tsc -p .
+[ -f dist/cli/main.cjs ] || npm run build --silent
 
 work=$(mktemp -d /tmp/vmferry-demo-XXXXXX)
 trap 'rm -rf "$work"' EXIT

@@ -41,6 +41,6 @@ fi
 if [ ! -d node_modules ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
   npm ci --no-audit --no-fund
 fi
-npx tsc -p .
+npm run build --silent
 npx biome check .
 node --test --test-concurrency=2 dist/test/

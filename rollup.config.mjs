@@ -1,0 +1,30 @@
+// The CLI as a few CommonJS chunks in dist/cli, built from tsc's ES modules in dist/src. Node 20 starts a
+// command sooner from these: it skips its ES module loader and reads a handful of files instead of dozens
+// (a small convert: 0.14 s from dist/src, 0.09 s from here). dist/src stays the library the tests import.
+import { dirname, relative, resolve } from 'node:path';
+
+const outDir = resolve('dist/cli');
+
+/** Each module keeps the URL of its own file in dist/src, so what it finds from there (the native helper, the compression worker, npm packages) is found as before. */
+const moduleUrls = {
+  name: 'module-urls',
+  resolveImportMeta(property, { chunkId, moduleId }) {
+    if (property !== 'url') return null;
+    const fromChunk = relative(dirname(resolve(outDir, chunkId)), moduleId);
+    return `require('node:url').pathToFileURL(require('node:path').join(__dirname, ${JSON.stringify(fromChunk)})).href`;
+  },
+};
+
+export default {
+  input: { main: 'dist/src/cli/main.js' },
+  // Node's built-in modules and the npm dependencies stay require() calls.
+  external: (id) => !id.startsWith('.') && !id.startsWith('/'),
+  plugins: [moduleUrls],
+  output: {
+    dir: outDir,
+    format: 'cjs',
+    entryFileNames: '[name].cjs',
+    chunkFileNames: '[name]-[hash].cjs',
+    generatedCode: 'es2015',
+  },
+};
