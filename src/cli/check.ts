@@ -1,6 +1,6 @@
 import { UsageError } from '../disk/errors.js';
 import { checkExitCode, checkImage } from '../ops/check.js';
-import { openingOptions, outputMode, outputOption, parse, positionals, printJson } from './common.js';
+import { openingOptions, outputMode, outputOption, parse, positionals, printJson, stdout } from './common.js';
 
 export const usage = 'vmferry check [-f FMT] [-r leaks|all] [--output=human|json] IMAGE';
 
@@ -66,7 +66,7 @@ export async function checkCommand(args: string[]): Promise<number> {
       );
     }
     if (result.imageEndOffset !== undefined) out.push(`Image end offset: ${result.imageEndOffset}`);
-    process.stdout.write(`${out.join('\n')}\n`);
+    stdout().write(`${out.join('\n')}\n`);
   }
   return checkExitCode(result);
 }

@@ -67,8 +67,26 @@ export function positionals(list: string[], count: number, usage: string, names:
   return list;
 }
 
+let stdoutGuarded = false;
+
+/**
+ * process.stdout, for everything a command prints. Node creates the stream, and loads its stream
+ * modules (about 4 ms), on first use, so a command that prints nothing (convert) never pays for it.
+ */
+export function stdout(): NodeJS.WriteStream {
+  if (!stdoutGuarded) {
+    stdoutGuarded = true;
+    // A reader that stops early (vmferry map | head) is not an error.
+    process.stdout.on('error', (err: NodeJS.ErrnoException) => {
+      if (err.code === 'EPIPE') process.exit(0);
+      throw err;
+    });
+  }
+  return process.stdout;
+}
+
 export function printJson(value: unknown): void {
-  process.stdout.write(`${JSON.stringify(value, null, 4)}\n`);
+  stdout().write(`${JSON.stringify(value, null, 4)}\n`);
 }
 
 /** The single line a user sees for an error. */

@@ -1,7 +1,7 @@
 import { openImage } from '../disk/registry.js';
 import type { DiskReader } from '../disk/types.js';
 import { compareImages } from '../ops/compare.js';
-import { openingOptions, parse, positionals } from './common.js';
+import { openingOptions, parse, positionals, stdout } from './common.js';
 
 export const usage = 'vmferry compare [-f FMT] [-F FMT] [-s] [-q] [--allow-external-files] A B';
 
@@ -26,7 +26,7 @@ export async function compareCommand(args: string[]): Promise<number> {
     readers.push(await openImage(a!, { ...common, format: values['first-format'] }));
     readers.push(await openImage(b!, { ...common, format: values['second-format'] }));
     const result = await compareImages(readers[0]!, readers[1]!, values.strict === true);
-    if (!values.quiet) process.stdout.write(`${result.message}\n`);
+    if (!values.quiet) stdout().write(`${result.message}\n`);
     return result.identical ? 0 : 1;
   } finally {
     for (const r of readers) await r.close();

@@ -1,7 +1,7 @@
 import { UsageError } from '../disk/errors.js';
 import { parseSize } from '../disk/options.js';
 import { createImage } from '../ops/create.js';
-import { humanSize, mergeOptionStrings, parse } from './common.js';
+import { humanSize, mergeOptionStrings, parse, stdout } from './common.js';
 
 export const usage = 'vmferry create -f FMT [-o OPTIONS] [-b BACKING [-F BACKING_FMT]] FILE [SIZE]';
 
@@ -35,7 +35,7 @@ export async function createCommand(args: string[]): Promise<number> {
     const opts = Object.entries(options)
       .map(([k, v]) => ` ${k}=${v}`)
       .join('');
-    process.stdout.write(`Formatting '${pos[0]}', fmt=${values.format} size=${r.size} (${humanSize(r.size)})${opts}\n`);
+    stdout().write(`Formatting '${pos[0]}', fmt=${values.format} size=${r.size} (${humanSize(r.size)})${opts}\n`);
   }
   return 0;
 }

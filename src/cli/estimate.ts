@@ -2,7 +2,7 @@ import { UsageError } from '../disk/errors.js';
 import { openImage } from '../disk/registry.js';
 import { estimateTransfer, parseModel, parseRate } from '../plan/estimate.js';
 import { WIRE_CODECS, type WireCodec } from '../transfer/protocol.js';
-import { humanSize, openingOptions, outputMode, outputOption, parse, positionals, printJson } from './common.js';
+import { humanSize, openingOptions, outputMode, outputOption, parse, positionals, printJson, stdout } from './common.js';
 
 export const usage =
   'vmferry estimate [-f FMT] [--bandwidth RATE] [--rtt MS] [-c zstd|zlib|none] [--streams N] [--model start=S,tls=S,sender=RATE,agent=RATE,verify=RATE,sync=RATE] [--dirty-rate RATE] [--max-downtime MS] [--samples N] SRC';
@@ -86,7 +86,7 @@ export async function estimateCommand(args: string[]): Promise<number> {
         `  total ${humanSize(Math.round(p.totalBytes))} of guest data (${humanSize(Math.round(p.totalWireBytes))} on the wire) in ${p.totalSeconds.toFixed(1)} s; cutover downtime ${p.downtimeSeconds.toFixed(3)} s`,
       );
     }
-    process.stdout.write(`${lines.join('\n')}\n`);
+    stdout().write(`${lines.join('\n')}\n`);
     return 0;
   } finally {
     await reader.close();

@@ -1,6 +1,6 @@
 import { parseSize } from '../disk/options.js';
 import { type ImageInfo, imageInfo, imageInfoChain } from '../ops/info.js';
-import { humanSize, openingOptions, outputMode, outputOption, parse, positionals, printJson } from './common.js';
+import { humanSize, openingOptions, outputMode, outputOption, parse, positionals, printJson, stdout } from './common.js';
 
 export const usage = 'vmferry info [-f FMT] [--backing-chain] [--output=human|json] [--allow-external-files] IMAGE';
 
@@ -20,11 +20,11 @@ export async function infoCommand(args: string[]): Promise<number> {
   if (values['backing-chain']) {
     const chain = await imageInfoChain(path!, opts);
     if (mode === 'json') printJson(chain);
-    else process.stdout.write(chain.map(humanInfo).join('\n'));
+    else stdout().write(chain.map(humanInfo).join('\n'));
   } else {
     const info = await imageInfo(path!, opts);
     if (mode === 'json') printJson(info);
-    else process.stdout.write(humanInfo(info));
+    else stdout().write(humanInfo(info));
   }
   return 0;
 }

@@ -2,7 +2,7 @@ import { UsageError } from '../disk/errors.js';
 import { parseSize } from '../disk/options.js';
 import { type Inspection, inspectVm } from '../migrate/inspect.js';
 import type { ReadVmOptions } from '../vm/dialect.js';
-import { humanSize, openingOptions, outputMode, outputOption, parse, positionals, printJson } from './common.js';
+import { humanSize, openingOptions, outputMode, outputOption, parse, positionals, printJson, stdout } from './common.js';
 
 export const usage =
   'vmferry inspect [--output=human|json] [--allow-external-files] [--firmware bios|uefi] [--cpus N] [--memory SIZE] [--name NAME] SOURCE';
@@ -107,6 +107,6 @@ export async function inspectCommand(args: string[]): Promise<number> {
   const mode = outputMode(values.output);
   const result = await inspectVm(source!, readOptionsFrom(values));
   if (mode === 'json') printJson(result);
-  else process.stdout.write(formatInspection(result));
+  else stdout().write(formatInspection(result));
   return 0;
 }

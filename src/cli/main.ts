@@ -1,6 +1,6 @@
 import { appendFileSync } from 'node:fs';
 import { abortAllTempsSync } from '../disk/sink.js';
-import { errorLine } from './common.js';
+import { errorLine, stdout } from './common.js';
 
 type Command = (args: string[]) => Promise<number>;
 
@@ -90,18 +90,13 @@ function writeRunStats(): void {
 
 /** Runs one command; returns the exit code. Errors become one line on stderr. */
 export async function main(argv: string[]): Promise<number> {
-  // A reader that stops early (vmferry map | head) is not an error.
-  process.stdout.on('error', (err: NodeJS.ErrnoException) => {
-    if (err.code === 'EPIPE') process.exit(0);
-    throw err;
-  });
   const [name, ...args] = argv;
   if (!name || name === '--help' || name === '-h' || name === 'help') {
-    process.stdout.write(help());
+    stdout().write(help());
     return name ? 0 : 1;
   }
   if (name === '--version' || name === '-V') {
-    process.stdout.write('vmferry 0.1.0\n');
+    stdout().write('vmferry 0.1.0\n');
     return 0;
   }
   const command = commands[name];
@@ -117,7 +112,7 @@ export async function main(argv: string[]): Promise<number> {
     return command.errorCode ?? 1;
   }
   if (args.includes('--help') || args.includes('-h')) {
-    process.stdout.write(`usage: ${loaded.usage}\n`);
+    stdout().write(`usage: ${loaded.usage}\n`);
     return 0;
   }
   const onSignal = (signal: NodeJS.Signals) => {

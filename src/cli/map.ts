@@ -1,6 +1,6 @@
 import { openImage } from '../disk/registry.js';
 import { type MapEntry, mapImage } from '../ops/map.js';
-import { openingOptions, outputMode, outputOption, parse, positionals } from './common.js';
+import { openingOptions, outputMode, outputOption, parse, positionals, stdout } from './common.js';
 
 export const usage = 'vmferry map [-f FMT] [--output=human|json] IMAGE';
 
@@ -17,22 +17,22 @@ export async function mapCommand(args: string[]): Promise<number> {
     const hex = (n: number) => `0x${n.toString(16)}`;
     if (mode === 'json') {
       // Streamed row by row: a huge image's map never sits in memory whole.
-      process.stdout.write('[');
+      stdout().write('[');
       let first = true;
       for await (const e of mapImage(reader)) {
-        process.stdout.write(
+        stdout().write(
           `${first ? '' : ','}\n${JSON.stringify(e satisfies MapEntry)
             .replace(/,"/g, ', "')
             .replace(/":/g, '": ')}`,
         );
         first = false;
       }
-      process.stdout.write('\n]\n');
+      stdout().write('\n]\n');
     } else {
-      process.stdout.write(`${'Offset'.padEnd(16)}${'Length'.padEnd(16)}${'Kind'.padEnd(10)}Depth\n`);
+      stdout().write(`${'Offset'.padEnd(16)}${'Length'.padEnd(16)}${'Kind'.padEnd(10)}Depth\n`);
       for await (const e of mapImage(reader)) {
         if (!e.present) continue;
-        process.stdout.write(
+        stdout().write(
           `${hex(e.start).padEnd(16)}${hex(e.length).padEnd(16)}${(e.data ? 'data' : 'zero').padEnd(10)}${e.depth}\n`,
         );
       }

@@ -2,7 +2,16 @@ import { UsageError } from '../disk/errors.js';
 import { parseSize } from '../disk/options.js';
 import { openImage } from '../disk/registry.js';
 import { measureImage } from '../ops/measure.js';
-import { conversionOptions, mergeOptionStrings, openingOptions, outputMode, outputOption, parse, printJson } from './common.js';
+import {
+  conversionOptions,
+  mergeOptionStrings,
+  openingOptions,
+  outputMode,
+  outputOption,
+  parse,
+  printJson,
+  stdout,
+} from './common.js';
 
 export const usage = 'vmferry measure -O FMT [-o OPTIONS] [-f FMT] [--size SIZE | SRC] [--output=human|json]';
 
@@ -34,7 +43,7 @@ export async function measureCommand(args: string[]): Promise<number> {
         required: r.required,
         'fully-allocated': r.fullyAllocated,
       });
-    else process.stdout.write(`required size: ${r.required}\nfully allocated size: ${r.fullyAllocated}\n`);
+    else stdout().write(`required size: ${r.required}\nfully allocated size: ${r.fullyAllocated}\n`);
   } finally {
     await source?.close();
   }

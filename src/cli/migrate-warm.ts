@@ -12,6 +12,7 @@ import {
   parse,
   positionals,
   printJson,
+  stdout,
 } from './common.js';
 import { readOptionsFrom, vmSourceOptions } from './inspect.js';
 
@@ -112,6 +113,6 @@ export async function warmMigrateCommand(args: string[]): Promise<number> {
     },
   });
   if (mode === 'json') printJson(report);
-  else process.stdout.write(warmSummary(report));
+  else stdout().write(warmSummary(report));
   return report.pending ? 0 : 0;
 }

@@ -15,6 +15,7 @@ import {
   parse,
   positionals,
   printJson,
+  stdout,
 } from './common.js';
 import { readOptionsFrom, vmSourceOptions } from './inspect.js';
 import { warmMigrateCommand } from './migrate-warm.js';
@@ -97,6 +98,6 @@ export async function migrateCommand(args: string[]): Promise<number> {
   });
   bar?.stop();
   if (mode === 'json') printJson(report);
-  else process.stdout.write(humanSummary(report));
+  else stdout().write(humanSummary(report));
   return 0;
 }

@@ -13,6 +13,7 @@ import {
   parse,
   positionals,
   printJson,
+  stdout,
 } from './common.js';
 import { progressReporter } from './progress.js';
 
@@ -68,7 +69,7 @@ export async function sendCommand(args: string[]): Promise<number> {
   progress.stop();
   if (mode === 'json') printJson(result);
   else {
-    process.stdout.write(
+    stdout().write(
       `sent ${result.name}: ${humanSize(result.dataBytes)} of data as ${humanSize(result.wireBytes)} on the wire` +
         `${result.resumedAt ? ` (resumed at ${humanSize(result.resumedAt)})` : ''}` +
         `${result.resentChunks ? `, ${result.resentChunks} chunks re-sent` : ''} in ${result.seconds.toFixed(2)} s; content digest ${result.digest} matches\n`,

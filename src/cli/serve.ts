@@ -4,7 +4,7 @@ import { UsageError } from '../disk/errors.js';
 import { parseSize } from '../disk/options.js';
 import { startAgent } from '../transfer/agent.js';
 import { certFingerprint, ensureCertificate, isLoopback, loadOrCreateToken } from '../transfer/security.js';
-import { parse, positionals } from './common.js';
+import { parse, positionals, stdout } from './common.js';
 
 export const usage =
   'vmferry serve --listen HOST:PORT --root DIR [--token-file F] [--tls-cert F --tls-key F] [--insecure] [--max-transfers N] [--max-request-size SIZE] [--max-file-size SIZE] [--checkpoint-every SIZE] [--audit-log F]';
@@ -50,7 +50,7 @@ export async function serveCommand(args: string[]): Promise<number> {
   mkdirSync(stateDir, { recursive: true, mode: 0o700 });
   const tokenFile = values['token-file'] ?? join(stateDir, 'token');
   const { token, created } = loadOrCreateToken(tokenFile);
-  const say = (line: string) => process.stdout.write(`${line}\n`);
+  const say = (line: string) => stdout().write(`${line}\n`);
   if (created) say(`generated a new token in ${tokenFile} (give it to senders with --token-file or VMFERRY_TOKEN)`);
   let tlsFiles: { cert: Buffer; key: Buffer } | undefined;
   if (!values.insecure) {

@@ -4,7 +4,7 @@
  * modules find from their files in dist/src (the native helper, the compression worker).
  */
 import assert from 'node:assert/strict';
-import { readFileSync } from 'node:fs';
+import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import { sparseRawImage } from '../helpers/images.js';
@@ -56,4 +56,23 @@ test('the bundled CLI finds the native helper and the compression worker from it
     'compression worker not started',
   );
   qemuImg('compare', '-q', '-f', 'raw', '-F', 'qcow2', src, out);
+});
+
+test('a convert that prints nothing does not create stdout (Node would load its stream modules for it)', () => {
+  const dir = tmpDir('vmferry-bundle-');
+  const preload = join(dir, 'modules.cjs');
+  const list = join(dir, 'modules.txt');
+  writeFileSync(
+    preload,
+    `process.on('exit', () => require('node:fs').writeFileSync(${JSON.stringify(list)}, process.moduleLoadList.join('\\n')));`,
+  );
+  const src = sparseRawImage(32 * 1024 * 1024);
+  const r = run(process.execPath, ['--require', preload, vmferryBin, 'convert', '-O', 'qcow2', src, join(dir, 'out.qcow2')]);
+  assert.equal(r.code, 0, r.stderr);
+  const loaded = readFileSync(list, 'utf8').split('\n');
+  assert.ok(loaded.includes('NativeModule fs'), 'the module list was not written');
+  assert.deepEqual(
+    loaded.filter((m) => m === 'NativeModule stream' || m === 'NativeModule internal/fs/sync_write_stream'),
+    [],
+  );
 });

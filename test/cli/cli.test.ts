@@ -1,6 +1,6 @@
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
-import { existsSync, readdirSync, statSync, writeFileSync } from 'node:fs';
+import { closeSync, existsSync, openSync, readdirSync, statSync, writeFileSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import { realisticRawImage, sparseRawImage } from '../helpers/images.js';
@@ -114,6 +114,24 @@ test('SIGINT during convert removes the temp file and exits 130', async () => {
   if (code === 0) return; // finished first: nothing to check
   assert.equal(code, 130);
   assert.deepEqual(readdirSync(dir), []);
+});
+
+test('a reader that stops early (vmferry map | head) ends the command quietly with exit 0', () => {
+  const dir = tmpDir();
+  const img = join(dir, 'holey.raw');
+  // 2000 data pieces between holes: the map is far longer than a pipe holds.
+  const fd = openSync(img, 'w');
+  for (let i = 0; i < 2000; i++) writeSync(fd, Buffer.alloc(4096, 1), 0, 4096, i * 65536);
+  closeSync(fd);
+  const r = run('bash', [
+    '-c',
+    'set -o pipefail; "$0" "$1" map "$2" | head -c 100 >/dev/null',
+    process.execPath,
+    vmferryBin,
+    img,
+  ]);
+  assert.equal(r.code, 0, r.stderr);
+  assert.equal(r.stderr, '');
 });
 
 test('converting an image onto itself is refused and the source is untouched', () => {
