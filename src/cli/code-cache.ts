@@ -1,0 +1,99 @@
+/**
+ * A V8 code cache for the bundled CLI's chunks (dist/cli/*.cjs), kept beside them in dist/cli/.v8-cache
+ * as Python keeps __pycache__ beside its sources. A command whose chunks were compiled once before
+ * skips compiling them again (about 10 ms of a 0.07 s small convert). Node 20 has no compile cache
+ * of its own (module.enableCompileCache came in Node 22).
+ *
+ * Each cache file holds the chunk's size and modification time, so a chunk edited in place is
+ * compiled afresh, and a checksum of V8's data, which V8 itself does not verify in release builds.
+ * An install folder the user cannot write to simply gets no cache.
+ */
+import { mkdirSync, readFileSync, renameSync, statSync, writeFileSync } from 'node:fs';
+import Module from 'node:module';
+import { basename, dirname, join } from 'node:path';
+import { Script } from 'node:vm';
+
+/** The parts of Node's CommonJS module this file uses; `_compile` is not in Node's typings. */
+interface LoadedModule {
+  exports: unknown;
+  require(id: string): unknown;
+}
+type Compile = (this: LoadedModule, content: string, filename: string) => unknown;
+type Wrapper = (
+  exports: unknown,
+  require: (id: string) => unknown,
+  module: LoadedModule,
+  filename: string,
+  dirname: string,
+) => unknown;
+
+const MAGIC = 0x31434656; // "VFC1"
+const HEADER = 24; // magic, checksum (u32 each); chunk size, chunk mtime in ms (f64 each)
+
+/** FNV-1a over 32-bit words, then the tail bytes: enough to notice a damaged file. */
+export function checksum(data: Uint8Array): number {
+  let h = 0x811c9dc5;
+  const words = data.byteLength >>> 2;
+  const view = new DataView(data.buffer, data.byteOffset, data.byteLength);
+  for (let i = 0; i < words; i++) h = Math.imul(h ^ view.getUint32(i * 4, true), 0x01000193);
+  for (let i = words * 4; i < data.byteLength; i++) h = Math.imul(h ^ data[i]!, 0x01000193);
+  return h >>> 0;
+}
+
+/** V8's data from a cache file, or undefined when it is missing, damaged or for another version of the chunk. */
+export function readCacheFile(path: string, chunkSize: number, chunkMtimeMs: number): Buffer | undefined {
+  let file: Buffer;
+  try {
+    file = readFileSync(path);
+  } catch {
+    return undefined;
+  }
+  if (file.byteLength <= HEADER || file.readUInt32LE(0) !== MAGIC) return undefined;
+  if (file.readDoubleLE(8) !== chunkSize || file.readDoubleLE(16) !== chunkMtimeMs) return undefined;
+  const data = file.subarray(HEADER);
+  return checksum(data) === file.readUInt32LE(4) ? data : undefined;
+}
+
+/** Writes a cache file whole or not at all (temp file, then rename), so readers never see half of one. */
+export function writeCacheFile(path: string, data: Buffer, chunkSize: number, chunkMtimeMs: number): void {
+  const header = Buffer.alloc(HEADER);
+  header.writeUInt32LE(MAGIC, 0);
+  header.writeUInt32LE(checksum(data), 4);
+  header.writeDoubleLE(chunkSize, 8);
+  header.writeDoubleLE(chunkMtimeMs, 16);
+  mkdirSync(dirname(path), { recursive: true });
+  const temp = `${path}.${process.pid}.tmp`;
+  writeFileSync(temp, Buffer.concat([header, data]));
+  renameSync(temp, path);
+}
+
+/**
+ * Compiles the CommonJS files of `bundleDir` with the code cache from then on. At exit, the cache is
+ * written for every chunk that had none (or a stale one), after the run, so that it holds the
+ * functions the run compiled, not only the top level.
+ */
+export function useCodeCache(bundleDir: string): void {
+  const cacheDir = join(bundleDir, '.v8-cache');
+  const proto = (Module as unknown as { prototype: { _compile: Compile } }).prototype;
+  const compile = proto._compile;
+  const uncached: { script: Script; path: string; size: number; mtimeMs: number }[] = [];
+  proto._compile = function (this: LoadedModule, content: string, filename: string) {
+    if (dirname(filename) !== bundleDir) return compile.call(this, content, filename);
+    const { size, mtimeMs } = statSync(filename);
+    const path = join(cacheDir, `${basename(filename)}.v8`);
+    const cachedData = readCacheFile(path, size, mtimeMs);
+    const script = new Script(Module.wrap(content), { filename, cachedData });
+    if (cachedData === undefined || script.cachedDataRejected) uncached.push({ script, path, size, mtimeMs });
+    const wrapper = script.runInThisContext() as Wrapper;
+    return wrapper.call(this.exports, this.exports, (id) => this.require(id), this, filename, bundleDir);
+  };
+  process.once('exit', () => {
+    for (const { script, path, size, mtimeMs } of uncached) {
+      try {
+        writeCacheFile(path, script.createCachedData(), size, mtimeMs);
+      } catch {
+        return; // a read-only install: run without a cache
+      }
+    }
+  });
+}

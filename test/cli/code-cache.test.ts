@@ -1,0 +1,113 @@
+/**
+ * The bundled CLI's code cache (src/cli/code-cache.ts), tried on a small bundle of its own in a temp
+ * folder: strace shows which cache files a run reads and writes, and the program's output shows that
+ * the code that ran is the code on disk.
+ */
+import assert from 'node:assert/strict';
+import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { test } from 'node:test';
+import { checksum, readCacheFile, writeCacheFile } from '../../src/cli/code-cache.js';
+import { repoRoot, run, tmpDir } from '../helpers/index.js';
+
+/** A two-chunk bundle and a launcher that loads it the way bin/vmferry loads dist/cli. */
+function smallBundle(): { dir: string; launcher: string } {
+  const dir = tmpDir('vmferry-codecache-');
+  const bundle = join(dir, 'bundle');
+  writeFileSync(join(dir, 'package.json'), '{ "type": "commonjs" }');
+  mkdirSync(bundle);
+  writeFileSync(join(bundle, 'main.cjs'), "exports.say = () => 'main+' + require('./part.cjs').word();\n");
+  writeFileSync(join(bundle, 'part.cjs'), "exports.word = () => 'one';\n");
+  const launcher = join(dir, 'launch.cjs');
+  writeFileSync(
+    launcher,
+    `require(${JSON.stringify(join(repoRoot, 'dist/cli/code-cache.cjs'))}).useCodeCache(${JSON.stringify(bundle)});\n` +
+      `process.stdout.write(require(${JSON.stringify(join(bundle, 'main.cjs'))}).say());\n`,
+  );
+  return { dir, launcher };
+}
+
+/** Runs the launcher under strace: its output, and the cache files it read and wrote. */
+function launch(dir: string, launcher: string): { output: string; read: string[]; written: string[] } {
+  const log = join(dir, 'open.strace');
+  const r = run('strace', [
+    '-f',
+    '-qq',
+    '-e',
+    'trace=openat,rename',
+    '-e',
+    'status=successful',
+    '-o',
+    log,
+    process.execPath,
+    launcher,
+  ]);
+  assert.equal(r.code, 0, r.stderr);
+  const lines = readFileSync(log, 'utf8').split('\n');
+  const name = (l: string) => /\.v8-cache\/([^".]+\.cjs)\.v8/.exec(l)?.[1];
+  return {
+    output: r.stdout,
+    read: lines.filter((l) => l.includes('openat') && l.includes('O_RDONLY')).flatMap((l) => name(l) ?? []),
+    written: lines.filter((l) => /rename\(.*\.tmp", ".*\.v8"\)/.test(l)).flatMap((l) => name(l.split('", "')[1]!) ?? []),
+  };
+}
+
+test('the first run writes a cache for each chunk; the next reads them and writes none', () => {
+  const { dir, launcher } = smallBundle();
+  const first = launch(dir, launcher);
+  assert.equal(first.output, 'main+one');
+  assert.deepEqual(first.written.sort(), ['main.cjs', 'part.cjs']);
+  const second = launch(dir, launcher);
+  assert.equal(second.output, 'main+one');
+  assert.deepEqual(second.read.sort(), ['main.cjs', 'part.cjs']);
+  assert.deepEqual(second.written, [], 'V8 rejected a cache it had written, or it was not read');
+});
+
+test('a chunk edited to the same length runs as edited, and its cache is renewed', () => {
+  // V8 checks only a source's length against its cache: the size and time in our header must catch this.
+  const { dir, launcher } = smallBundle();
+  launch(dir, launcher);
+  writeFileSync(join(dir, 'bundle/part.cjs'), "exports.word = () => 'two';\n");
+  const edited = launch(dir, launcher);
+  assert.equal(edited.output, 'main+two');
+  assert.deepEqual(edited.written, ['part.cjs']);
+});
+
+test('a damaged cache file is ignored and rewritten', () => {
+  const { dir, launcher } = smallBundle();
+  launch(dir, launcher);
+  const cache = join(dir, 'bundle/.v8-cache/main.cjs.v8');
+  const bytes = readFileSync(cache);
+  bytes[bytes.length - 7] ^= 0x40;
+  writeFileSync(cache, bytes);
+  const after = launch(dir, launcher);
+  assert.equal(after.output, 'main+one');
+  assert.deepEqual(after.written, ['main.cjs']);
+});
+
+test('cache files: what is written is read back; another size, time, a flipped bit or a cut file is refused', () => {
+  const dir = tmpDir('vmferry-codecache-');
+  const path = join(dir, 'sub/x.cjs.v8');
+  const data = Buffer.from('some bytes V8 wrote, of no particular length');
+  writeCacheFile(path, data, 1234, 1700000000123.5);
+  assert.deepEqual(readCacheFile(path, 1234, 1700000000123.5), data);
+  assert.equal(readCacheFile(path, 1235, 1700000000123.5), undefined);
+  assert.equal(readCacheFile(path, 1234, 1700000000124.5), undefined);
+  const whole = readFileSync(path);
+  for (const at of [30, whole.length - 1]) {
+    const flipped = Buffer.from(whole);
+    flipped[at] ^= 1;
+    writeFileSync(path, flipped);
+    assert.equal(readCacheFile(path, 1234, 1700000000123.5), undefined, `bit flipped at ${at}`);
+  }
+  writeFileSync(path, whole.subarray(0, whole.length - 3));
+  assert.equal(readCacheFile(path, 1234, 1700000000123.5), undefined);
+  assert.equal(readCacheFile(join(dir, 'missing.v8'), 1234, 1), undefined);
+  assert.notEqual(checksum(Buffer.from('ab')), checksum(Buffer.from('ba')));
+});
+
+test('the CLI keeps its cache beside the bundle', () => {
+  const r = run(process.execPath, [join(repoRoot, 'bin/vmferry'), '--version']);
+  assert.equal(r.code, 0, r.stderr);
+  assert.ok(existsSync(join(repoRoot, 'dist/cli/.v8-cache/main.cjs.v8')));
+});
