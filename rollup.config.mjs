@@ -19,7 +19,7 @@ const moduleUrls = {
 };
 
 export default {
-  input: { main: 'dist/src/cli/main.js', 'code-cache': 'dist/src/cli/code-cache.js' },
+  input: { main: 'dist/src/cli/main.js', startup: 'dist/src/cli/startup.js', 'code-cache': 'dist/src/cli/code-cache.js' },
   // Node's built-in modules and the npm dependencies stay require() calls.
   external: (id) => !id.startsWith('.') && !id.startsWith('/'),
   plugins: [moduleUrls],

@@ -605,6 +605,9 @@ static napi_value crc32c_sum(napi_env env, napi_callback_info info) {
   return out;
 }
 
+// In v8_flags.cc: the one function that needs V8's C++ API.
+napi_value vmferry_set_v8_flags(napi_env env, napi_callback_info info);
+
 static napi_value init(napi_env env, napi_value exports) {
   napi_property_descriptor props[] = {
       {"seek", NULL, seek_data_hole, NULL, NULL, NULL, napi_default, NULL},
@@ -619,6 +622,7 @@ static napi_value init(napi_env env, napi_value exports) {
       {"zeroMap", NULL, zero_map, NULL, NULL, NULL, napi_default, NULL},
       {"adler32", NULL, adler32_sum, NULL, NULL, NULL, napi_default, NULL},
       {"crc32c", NULL, crc32c_sum, NULL, NULL, NULL, napi_default, NULL},
+      {"setV8Flags", NULL, vmferry_set_v8_flags, NULL, NULL, NULL, napi_default, NULL},
   };
   napi_define_properties(env, exports, sizeof props / sizeof props[0], props);
   return exports;

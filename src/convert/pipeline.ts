@@ -86,7 +86,7 @@ export async function copyDisk(reader: DiskReader, writer: DiskWriter, options: 
   // does not even load worker_threads), but at once for a compressing writer: the workers then
   // start while the first chunks are read.
   let pool: CompressPool | null = options.pool ?? null;
-  let starting: Promise<CompressPool> | null = null;
+  let starting = null as Promise<CompressPool> | null;
   const getPool = (): Promise<CompressPool> => {
     if (pool) return Promise.resolve(pool);
     starting ??= import('./compress-pool.js').then((m) => {
@@ -187,18 +187,7 @@ export async function copyDisk(reader: DiskReader, writer: DiskWriter, options: 
     while (window.length > 0) {
       const result = await window.shift()!;
       await refill();
-      for (const op of result.ops) {
-        if (op.kind === 'write') {
-          await lendWrites(loan, () => writer.write(op.offset, op.data));
-          stats.dataBytes += op.data.length;
-        } else if (op.kind === 'compressed') {
-          await lendWrites(loan, () => writer.writeCompressed!(op.units));
-          for (const u of op.units) stats.dataBytes += u.raw.length;
-        } else {
-          await writer.zero(op.offset, op.length);
-          stats.zeroBytes += op.length;
-        }
-      }
+      await applyOps(writer, result.ops, loan, stats);
       done += result.covered;
       const settled = loan.settled();
       if (result.buffer) free.push({ buffer: result.buffer, settled });
@@ -216,6 +205,26 @@ export async function copyDisk(reader: DiskReader, writer: DiskWriter, options: 
     }
   }
   return stats;
+}
+
+/**
+ * Hands one piece's ops to the writer, in order. A function of its own, not part of copyDisk's
+ * loop: V8 compiles whatever runs hot, and it spent 53 ms of the second core compiling copyDisk
+ * with this inlined (huge raw -> vdi, whose 513 pieces make the loop hot).
+ */
+async function applyOps(writer: DiskWriter, ops: WriteOp[], loan: WriteLoan, stats: CopyStats): Promise<void> {
+  for (const op of ops) {
+    if (op.kind === 'write') {
+      await lendWrites(loan, () => writer.write(op.offset, op.data));
+      stats.dataBytes += op.data.length;
+    } else if (op.kind === 'compressed') {
+      await lendWrites(loan, () => writer.writeCompressed!(op.units));
+      for (const u of op.units) stats.dataBytes += u.raw.length;
+    } else {
+      await writer.zero(op.offset, op.length);
+      stats.zeroBytes += op.length;
+    }
+  }
 }
 
 /** Extents cut into chunk-sized pieces whose ends fall on the writer's cluster boundaries. */

@@ -1,6 +1,6 @@
 import { createRequire } from 'node:module';
 
-/** The optional C helper (native/): SEEK_DATA/SEEK_HOLE, unwritten extents (FIEMAP), hole punching, mapped read windows, copy_file_range, preallocation, zero tests (on the calling thread or the pool), Adler-32, CRC-32C, the incompressibility test. */
+/** The optional C helper (native/): SEEK_DATA/SEEK_HOLE, unwritten extents (FIEMAP), hole punching, mapped read windows, copy_file_range, preallocation, zero tests (on the calling thread or the pool), Adler-32, CRC-32C, the incompressibility test, V8 flags. */
 export interface NativeHelper {
   /** Next data (which = 0) or hole (which = 1) offset at or after `offset`; -1 when none. */
   seek(fd: number, offset: number, which: 0 | 1): number;
@@ -38,6 +38,8 @@ export interface NativeHelper {
   zeroMap(fd: number, position: number, length: number, first: number, unit: number): Promise<Buffer | null>;
   /** CRC-32C (Castagnoli) of the bytes, continuing `crc` (0 to start). */
   crc32c(data: Uint8Array, crc: number): number;
+  /** Sets V8 flags for this process, as on node's command line (V8's own SetFlagsFromString). */
+  setV8Flags(flags: string): void;
   /** The Adler-32 (RFC 1950) of the bytes. */
   adler32(data: Buffer): number;
   /** compress-worker.ts's looksIncompressible in C. */
