@@ -68,9 +68,11 @@ export function writeCacheFile(path: string, data: Buffer, chunkSize: number, ch
 /**
  * Compiles the CommonJS files of `bundleDir` with the code cache from then on. At exit, the cache is
  * written for every chunk that had none (or a stale one), after the run, so that it holds the
- * functions the run compiled, not only the top level.
+ * functions the run compiled, not only the top level. V8 refuses a cache made under other flags than
+ * its own: nothing is written once `flagsUnchanged` says the run's V8 flags changed (a cache made
+ * after setting them back and forth was refused too).
  */
-export function useCodeCache(bundleDir: string): void {
+export function useCodeCache(bundleDir: string, flagsUnchanged: () => boolean = () => true): void {
   if (!nativeHelper()) return;
   const cacheDir = join(bundleDir, '.v8-cache');
   const proto = (Module as unknown as { prototype: { _compile: Compile } }).prototype;
@@ -87,6 +89,7 @@ export function useCodeCache(bundleDir: string): void {
     return wrapper.call(this.exports, this.exports, (id) => this.require(id), this, filename, bundleDir);
   };
   process.once('exit', () => {
+    if (!flagsUnchanged()) return;
     for (const { script, path, size, mtimeMs } of uncached) {
       try {
         writeCacheFile(path, script.createCachedData(), size, mtimeMs);

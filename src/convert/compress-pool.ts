@@ -1,6 +1,7 @@
 import { availableParallelism } from 'node:os';
 import { Worker } from 'node:worker_threads';
 import { VmferryError } from '../disk/errors.js';
+import { restoreV8Flags } from '../disk/native.js';
 import type { CodecSpec, PackedUnit } from '../disk/types.js';
 import type { CompressDone, CompressJob, DecodeUnit, DecompressDone, DecompressJob } from './compress-worker.js';
 
@@ -43,6 +44,7 @@ export class CompressPool {
   private nextId = 1;
 
   constructor(readonly size = Math.max(1, availableParallelism())) {
+    restoreV8Flags();
     for (let i = 0; i < size; i++) {
       const worker = new Worker(new URL('./compress-worker.js', import.meta.url));
       const slot = { worker, busy: 0 };
