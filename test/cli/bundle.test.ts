@@ -8,26 +8,12 @@ import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import { sparseRawImage } from '../helpers/images.js';
-import { qemuImg, run, tmpDir, vmferryBin } from '../helpers/index.js';
+import { qemuImg, run, tmpDir, underStrace, vmferryBin } from '../helpers/index.js';
 
 /** The files `vmferry ARGS` opened, as strace saw them. */
 function filesOpenedBy(dir: string, args: string[]): string[] {
-  const log = join(dir, 'open.strace');
-  const r = run('strace', [
-    '-f',
-    '-qq',
-    '-e',
-    'trace=openat',
-    '-e',
-    'status=successful',
-    '-o',
-    log,
-    process.execPath,
-    vmferryBin,
-    ...args,
-  ]);
-  assert.equal(r.code, 0, r.stderr);
-  return [...readFileSync(log, 'utf8').matchAll(/openat\([^"]*"([^"]+)"/g)].map((m) => m[1]!);
+  const { calls } = underStrace(dir, 'openat', [vmferryBin, ...args]);
+  return calls.flatMap((l) => /openat\([^"]*"([^"]+)"/.exec(l)?.[1] ?? []);
 }
 
 test('bin/vmferry loads the bundled CLI, not the ES modules', () => {

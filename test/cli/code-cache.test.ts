@@ -8,7 +8,7 @@ import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import { readCacheFile, writeCacheFile } from '../../src/cli/code-cache.js';
-import { repoRoot, run, tmpDir } from '../helpers/index.js';
+import { repoRoot, run, tmpDir, underStrace } from '../helpers/index.js';
 
 /** A two-chunk bundle and a launcher that loads it the way bin/vmferry loads dist/cli. */
 function smallBundle(): { dir: string; launcher: string } {
@@ -29,24 +29,10 @@ function smallBundle(): { dir: string; launcher: string } {
 
 /** Runs the launcher under strace: its output, and the cache files it read and wrote. */
 function launch(dir: string, launcher: string): { output: string; read: string[]; written: string[] } {
-  const log = join(dir, 'open.strace');
-  const r = run('strace', [
-    '-f',
-    '-qq',
-    '-e',
-    'trace=openat,rename',
-    '-e',
-    'status=successful',
-    '-o',
-    log,
-    process.execPath,
-    launcher,
-  ]);
-  assert.equal(r.code, 0, r.stderr);
-  const lines = readFileSync(log, 'utf8').split('\n');
+  const { stdout, calls: lines } = underStrace(dir, 'openat,rename', [launcher]);
   const name = (l: string) => /\.v8-cache\/([^".]+\.cjs)\.v8/.exec(l)?.[1];
   return {
-    output: r.stdout,
+    output: stdout,
     read: lines.filter((l) => l.includes('openat') && l.includes('O_RDONLY')).flatMap((l) => name(l) ?? []),
     written: lines.filter((l) => /rename\(.*\.tmp", ".*\.v8"\)/.test(l)).flatMap((l) => name(l.split('", "')[1]!) ?? []),
   };

@@ -57,6 +57,29 @@ export function runOk(cmd: string, args: string[], opts: Parameters<typeof run>[
   return r.stdout;
 }
 
+/**
+ * Runs node with `args` under strace (every thread; only the successful calls of `syscalls`, e.g.
+ * 'openat,rename'); it must succeed. Returns its stdout and strace's log lines, so a test sees the
+ * system calls themselves rather than the program's account of them.
+ */
+export function underStrace(dir: string, syscalls: string, args: string[]): { stdout: string; calls: string[] } {
+  const log = join(dir, `${syscalls.replace(/\W/g, '-')}.strace`);
+  const r = run('strace', [
+    '-f',
+    '-qq',
+    '-e',
+    `trace=${syscalls}`,
+    '-e',
+    'status=successful',
+    '-o',
+    log,
+    process.execPath,
+    ...args,
+  ]);
+  if (r.code !== 0) throw new Error(`under strace, node ${args.join(' ')} exited ${r.code}: ${r.stderr}`);
+  return { stdout: r.stdout, calls: readFileSync(log, 'utf8').split('\n') };
+}
+
 export function qemuImg(...args: string[]): string {
   return runOk('qemu-img', args);
 }
