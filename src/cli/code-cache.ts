@@ -6,8 +6,8 @@
  *
  * Each cache file holds the chunk's size and modification time, so a chunk edited in place is
  * compiled afresh, and a CRC-32C of V8's data, which V8 itself does not verify in release builds.
- * The CRC comes from the native helper (JS took 1 ms of the 15 saved); without the helper, and in an
- * install folder the user cannot write to, the CLI simply runs without a cache.
+ * The CRC comes from the native helper (a checksum in JS, interpreted at start-up, cost 1 to 5 ms);
+ * without the helper, and in an install folder the user cannot write to, the CLI runs uncached.
  */
 import { mkdirSync, readFileSync, renameSync, statSync, writeFileSync } from 'node:fs';
 import Module from 'node:module';
