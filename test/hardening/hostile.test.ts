@@ -439,6 +439,18 @@ test('a qcow2 whose L1 table claims far more than the file holds: refused cleanl
   }
 });
 
+test('a qcow2 header with a version this reader does not know (4, or garbage) is refused by name, as qemu-img refuses it, never copied as raw', () => {
+  const { dir, out } = setup();
+  for (const version of [4, 0x9faf0001]) {
+    const img = join(dir, `v${version}.qcow2`);
+    dataQcow2(img);
+    patch(img, [[4, 4, version]]);
+    assert.notEqual(run('qemu-img', ['info', img]).code, 0, 'qemu-img opened it');
+    const { info, map, convert } = attempt(img, out);
+    for (const r of [info, map, convert]) assertCleanError(r, img, new RegExp(`qcow2 version ${version} is not supported`));
+  }
+});
+
 test('qcow2 L1 or refcount table offset beyond the end of the file', () => {
   const { dir, out } = setup();
   const good = join(dir, 'good.qcow2');

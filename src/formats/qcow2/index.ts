@@ -8,7 +8,9 @@ const writer = () => import('./writer.js');
 
 export const qcow2Driver: FormatDriver = {
   name: 'qcow2',
-  probe: (head) => (head.length >= 8 && head.readUInt32BE(0) === QCOW2_MAGIC && [2, 3].includes(head.readUInt32BE(4)) ? 100 : 0),
+  // Any version from 2 up is claimed, as qemu does: one this reader does not know (a damaged header,
+  // say) is then refused by name instead of being copied as raw bytes.
+  probe: (head) => (head.length >= 8 && head.readUInt32BE(0) === QCOW2_MAGIC && head.readUInt32BE(4) >= 2 ? 100 : 0),
   open: async (path, options) => (await reader()).Qcow2Reader.open(path, options),
   create: async (path, size, options) => (await writer()).Qcow2Writer.create(path, size, options),
   resume: async (path, size, options, state) => (await writer()).Qcow2Writer.resume(path, size, options, state),
