@@ -8,16 +8,12 @@ import { existsSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import { sparseRawImage } from '../helpers/images.js';
-import { qemuImg, run, tmpDir, vmferry, vmferryBin } from '../helpers/index.js';
+import { qemuImg, run, tmpDir, underStrace, vmferry, vmferryBin } from '../helpers/index.js';
 
 /** The fsync/fdatasync calls made by `vmferry convert ARGS`, as strace saw them. */
-function flushesDuring(dir: string, name: string, args: string[]): string[] {
-  const log = join(dir, `${name}.strace`);
-  const r = run('strace', ['-f', '-qq', '-e', 'trace=fsync,fdatasync', '-o', log, process.execPath, vmferryBin, ...args]);
-  assert.equal(r.code, 0, r.stderr);
-  return readFileSync(log, 'utf8')
-    .split('\n')
-    .filter((l) => /\b(fsync|fdatasync)\(/.test(l));
+function flushesDuring(dir: string, args: string[]): string[] {
+  const { calls } = underStrace(dir, 'fsync,fdatasync', [vmferryBin, ...args]);
+  return calls.filter((l) => /\b(fsync|fdatasync)\(/.test(l));
 }
 
 test('convert: no flush by default (qemu-img convert), fsync of file and folder with -t writeback', () => {
@@ -25,9 +21,9 @@ test('convert: no flush by default (qemu-img convert), fsync of file and folder 
   const src = sparseRawImage(64 * 1024 * 1024);
   const fast = join(dir, 'default.qcow2');
   const durable = join(dir, 'writeback.qcow2');
-  assert.deepEqual(flushesDuring(dir, 'default', ['convert', '-O', 'qcow2', src, fast]), []);
+  assert.deepEqual(flushesDuring(dir, ['convert', '-O', 'qcow2', src, fast]), []);
   // One for the file before its rename, one for the folder after it.
-  assert.ok(flushesDuring(dir, 'writeback', ['convert', '-t', 'writeback', '-O', 'qcow2', src, durable]).length >= 2);
+  assert.ok(flushesDuring(dir, ['convert', '-t', 'writeback', '-O', 'qcow2', src, durable]).length >= 2);
   for (const out of [fast, durable]) qemuImg('compare', '-q', src, out);
   // qemu-img shows the same default: no flush in convert unless -t asks for one.
   const qemuLog = join(dir, 'qemu.strace');

@@ -12,7 +12,7 @@ import { promisify } from 'node:util';
 import { AtomicFileSink } from '../../src/disk/sink.js';
 import { FileSource, forgetMappings, mappedOrigin, readWindow } from '../../src/disk/source.js';
 import { PLAIN_OUTPUTS, sparseRawImage } from '../helpers/images.js';
-import { qemuImg, run, sha256, tmpDir, vmferryBin } from '../helpers/index.js';
+import { qemuImg, run, sha256, tmpDir, underStrace, vmferryBin } from '../helpers/index.js';
 import { patternBuffer } from '../helpers/pattern.js';
 
 const MiB = 1024 * 1024;
@@ -89,14 +89,10 @@ test('closing the source while copies from it still wait to run delays the close
 
 /** The copy_file_range calls `vmferry ARGS` made that copied something, as strace saw them. */
 function copiesDuring(dir: string, args: string[]): number {
-  const log = join(dir, 'copies.strace');
-  const r = run('strace', ['-f', '-qq', '-e', 'trace=copy_file_range', '-o', log, process.execPath, vmferryBin, ...args]);
-  assert.equal(r.code, 0, r.stderr);
   // A call that overlaps another thread's is logged in two lines ("<unfinished ...>", then
   // "<... copy_file_range resumed> ... = N"): the result is on the second.
-  return readFileSync(log, 'utf8')
-    .split('\n')
-    .filter((l) => /\bcopy_file_range\b.*= [1-9]\d*$/.test(l)).length;
+  const { calls } = underStrace(dir, 'copy_file_range', [vmferryBin, ...args]);
+  return calls.filter((l) => /\bcopy_file_range\b.*= [1-9]\d*$/.test(l)).length;
 }
 
 test('convert from raw copies file to file into every plain output format, with identical content', () => {
