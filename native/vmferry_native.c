@@ -1,7 +1,7 @@
 // Small helpers Node's fs lacks: SEEK_DATA/SEEK_HOLE so raw files map their holes
 // without reading them, FIEMAP for their unwritten (preallocated, reading as zeros) extents, hole punching for sparse raw output, read windows that map a file's
-// pages instead of copying them, copy_file_range so stored-as-is data goes from the source's
-// page cache to the output's inside the kernel, preallocation of what is about to be written,
+// pages instead of copying them, file-to-file copies on the thread pool so stored-as-is data goes
+// from the source's page cache to the output's without passing through JS, preallocation of what is about to be written,
 // zero tests that read a file instead of a mapping, the byte loops of the compress workers
 // (Adler-32, the incompressibility test) and CRC-32C for VHDX.
 #define _GNU_SOURCE
@@ -11,6 +11,7 @@
 #include <fcntl.h>
 #include <math.h>
 #include <node_api.h>
+#include <stdbool.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -18,6 +19,7 @@
 #include <linux/fs.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/vfs.h>
 #include <unistd.h>
 
 static napi_value throw_errno(napi_env env, const char *what) {
@@ -238,22 +240,96 @@ static void finish_job(napi_env env, napi_deferred deferred, napi_async_work wor
   napi_delete_async_work(env, work);
 }
 
-// copyRange(srcFd, srcPos, dstFd, dstPos, length) -> Promise<[copied, errno]>: copy_file_range on
-// the libuv thread pool until `length` bytes are copied or the kernel stops (errno, or 0 at the
-// source's end); the caller writes whatever is left the ordinary way.
+// copyRange(srcFd, srcPos, dstFd, dstPos, length, viaKernel) -> Promise<[copied, errno]>: copies
+// on the libuv thread pool until `length` bytes are copied or the copy stops (errno, or 0 at the
+// source's end); the caller writes whatever is left the ordinary way. viaKernel: copy_file_range
+// (for the file systems offloadsCopies names); otherwise a read into a small buffer and a write.
 typedef struct {
   napi_async_work work;
   napi_deferred deferred;
   int src, dst;
   int64_t src_pos, dst_pos, length, copied;
+  bool via_kernel;
   int err;
 } copy_job;
 
-static void copy_execute(napi_env env, void *data) {
-  (void)env;
-  copy_job *job = data;
+// File systems whose copy_file_range does better than copy the bytes: it shares the blocks
+// (reflink) or has the server copy. Elsewhere (ext4, tmpfs, overlayfs...) the kernel copies
+// through a pipe of 64 KiB page lists, and copies running at once into one output spin on its
+// lock; a read into a buffer that stays in the core's cache and a write from it was faster
+// (replaying the os disk's 62 copies, 180 MiB: 52 to 70 ms against 72 to 90 ms; 1 GiB of dense
+// data: 280 to 326 ms against 344 to 390 ms).
+static bool offloads_copies(int fd) {
+  struct statfs fs;
+  if (fstatfs(fd, &fs) != 0) return false;
+  switch ((unsigned long)fs.f_type) {
+    case 0x9123683EUL: // btrfs
+    case 0x58465342UL: // xfs
+    case 0xCA451A4EUL: // bcachefs
+    case 0x7461636FUL: // ocfs2
+    case 0x2FC12FC1UL: // zfs
+    case 0x6969UL:     // nfs
+    case 0xFE534D42UL: // smb2
+    case 0xFF534D42UL: // cifs
+    case 0x00C36400UL: // ceph
+      return true;
+    default:
+      return false;
+  }
+}
+
+// offloadsCopies(fd) -> whether copyRange should use copy_file_range into this file.
+static napi_value offloads_copies_js(napi_env env, napi_callback_info info) {
+  size_t argc = 1;
+  napi_value argv[1], out;
+  int32_t fd;
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  if (argc < 1 || napi_get_value_int32(env, argv[0], &fd) != napi_ok) {
+    napi_throw_type_error(env, NULL, "offloadsCopies(fd)");
+    return NULL;
+  }
+  napi_get_boolean(env, offloads_copies(fd), &out);
+  return out;
+}
+
+// Small enough to stay in a core's L2 cache from the read to the write (256 KiB measured a little
+// faster than 512 KiB and 1 MiB on the replay above).
+#define BOUNCE_SIZE (256 * 1024)
+// One per pool thread, allocated by its first copy.
+static __thread uint8_t *bounce;
+
+static void copy_through_buffer(copy_job *job) {
+  if (!bounce && posix_memalign((void **)&bounce, 4096, BOUNCE_SIZE) != 0) {
+    bounce = NULL;
+    job->err = ENOMEM;
+    return;
+  }
+  while (job->copied < job->length) {
+    int64_t want = job->length - job->copied;
+    if (want > BOUNCE_SIZE) want = BOUNCE_SIZE;
+    ssize_t got = pread(job->src, bounce, (size_t)want, job->src_pos + job->copied);
+    if (got < 0 && errno == EINTR) continue;
+    if (got <= 0) {
+      job->err = got < 0 ? errno : 0;
+      return;
+    }
+    for (ssize_t put = 0; put < got;) {
+      ssize_t n = pwrite(job->dst, bounce + put, (size_t)(got - put), job->dst_pos + job->copied + put);
+      if (n < 0 && errno == EINTR) continue;
+      if (n <= 0) {
+        // The caller rewrites from the first byte not known to be written.
+        job->err = n < 0 ? errno : EIO;
+        job->copied += put;
+        return;
+      }
+      put += n;
+    }
+    job->copied += got;
+  }
+}
+
+static void copy_in_kernel(copy_job *job) {
   loff_t in = job->src_pos, out = job->dst_pos;
-  preallocate(job->dst, job->dst_pos, job->length);
   while (job->copied < job->length) {
     ssize_t n = copy_file_range(job->src, &in, job->dst, &out, (size_t)(job->length - job->copied), 0);
     if (n < 0 && errno == EINTR) continue;
@@ -263,6 +339,16 @@ static void copy_execute(napi_env env, void *data) {
     }
     job->copied += n;
   }
+}
+
+static void copy_execute(napi_env env, void *data) {
+  (void)env;
+  copy_job *job = data;
+  preallocate(job->dst, job->dst_pos, job->length);
+  if (job->via_kernel)
+    copy_in_kernel(job);
+  else
+    copy_through_buffer(job);
 }
 
 static void copy_complete(napi_env env, napi_status status, void *data) {
@@ -278,19 +364,20 @@ static void copy_complete(napi_env env, napi_status status, void *data) {
 }
 
 static napi_value copy_range(napi_env env, napi_callback_info info) {
-  size_t argc = 5;
-  napi_value argv[5];
+  size_t argc = 6;
+  napi_value argv[6];
   napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
   copy_job *job = calloc(1, sizeof *job);
   if (!job) return throw_errno(env, "calloc");
-  if (argc < 5 || napi_get_value_int32(env, argv[0], &job->src) != napi_ok ||
+  if (argc < 6 || napi_get_value_int32(env, argv[0], &job->src) != napi_ok ||
       napi_get_value_int64(env, argv[1], &job->src_pos) != napi_ok ||
       napi_get_value_int32(env, argv[2], &job->dst) != napi_ok ||
       napi_get_value_int64(env, argv[3], &job->dst_pos) != napi_ok ||
-      napi_get_value_int64(env, argv[4], &job->length) != napi_ok || job->length < 0 || job->src_pos < 0 ||
+      napi_get_value_int64(env, argv[4], &job->length) != napi_ok ||
+      napi_get_value_bool(env, argv[5], &job->via_kernel) != napi_ok || job->length < 0 || job->src_pos < 0 ||
       job->dst_pos < 0) {
     free(job);
-    napi_throw_type_error(env, NULL, "copyRange(srcFd, srcPos, dstFd, dstPos, length)");
+    napi_throw_type_error(env, NULL, "copyRange(srcFd, srcPos, dstFd, dstPos, length, viaKernel)");
     return NULL;
   }
   return queue_job(env, "vmferry:copyRange", copy_execute, copy_complete, job, &job->deferred, &job->work);
@@ -616,6 +703,7 @@ static napi_value init(napi_env env, napi_value exports) {
       {"mapWindow", NULL, map_window, NULL, NULL, NULL, napi_default, NULL},
       {"mapFile", NULL, map_file, NULL, NULL, NULL, napi_default, NULL},
       {"copyRange", NULL, copy_range, NULL, NULL, NULL, napi_default, NULL},
+      {"offloadsCopies", NULL, offloads_copies_js, NULL, NULL, NULL, napi_default, NULL},
       {"preallocate", NULL, preallocate_range, NULL, NULL, NULL, napi_default, NULL},
       {"looksIncompressible", NULL, looks_incompressible, NULL, NULL, NULL, napi_default, NULL},
       {"zeroAt", NULL, zero_at, NULL, NULL, NULL, napi_default, NULL},

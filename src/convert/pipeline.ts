@@ -37,7 +37,7 @@ export interface CopyStats {
 }
 
 /**
- * Largest read for plain copies. Their bytes go file to file (copy_file_range, see sink.ts), so
+ * Largest read for plain copies. Their bytes go file to file (see sink.ts), so
  * the size sets how often a window is remapped and a copy handed to a thread. Measured on the
  * bench (dense raw -> qcow2, 5 runs each): 1 MiB 0.79 s, 4 MiB 0.68 s, 16 MiB 0.70 s.
  */

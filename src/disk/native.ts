@@ -1,6 +1,6 @@
 import { createRequire } from 'node:module';
 
-/** The optional C helper (native/): SEEK_DATA/SEEK_HOLE, unwritten extents (FIEMAP), hole punching, mapped read windows, copy_file_range, preallocation, zero tests (on the calling thread or the pool), Adler-32, CRC-32C, the incompressibility test, V8 flags. */
+/** The optional C helper (native/): SEEK_DATA/SEEK_HOLE, unwritten extents (FIEMAP), hole punching, mapped read windows, file-to-file copies, preallocation, zero tests (on the calling thread or the pool), Adler-32, CRC-32C, the incompressibility test, V8 flags. */
 export interface NativeHelper {
   /** Next data (which = 0) or hole (which = 1) offset at or after `offset`; -1 when none. */
   seek(fd: number, offset: number, which: 0 | 1): number;
@@ -19,10 +19,20 @@ export interface NativeHelper {
    */
   mapFile(buffer: Buffer, fd: number, offset: number, length: number): boolean;
   /**
-   * copy_file_range on the thread pool: [bytes copied, errno]; errno 0 with fewer bytes than asked
-   * means the source ended. The caller writes what is left itself.
+   * A file-to-file copy on the thread pool: [bytes copied, errno]; errno 0 with fewer bytes than
+   * asked means the source ended. The caller writes what is left itself. viaKernel: by
+   * copy_file_range; otherwise read into a small per-thread buffer and written from it.
    */
-  copyRange(srcFd: number, srcPos: number, dstFd: number, dstPos: number, length: number): Promise<[number, number]>;
+  copyRange(
+    srcFd: number,
+    srcPos: number,
+    dstFd: number,
+    dstPos: number,
+    length: number,
+    viaKernel: boolean,
+  ): Promise<[number, number]>;
+  /** Whether copy_file_range into this file can share blocks or copy on a server (btrfs, xfs, nfs...), where copyRange should use it. */
+  offloadsCopies(fd: number): boolean;
   /**
    * Allocates the whole blocks of a range about to be overwritten as unwritten extents (reading as
    * zero), so the write does not reserve delayed allocation page by page. Best effort.

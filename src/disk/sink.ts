@@ -45,7 +45,7 @@ export type CacheMode = (typeof CACHE_MODES)[number];
 
 let flushOnCommit = true;
 /** Cleared the first time copy_file_range is refused. */
-let copyOffload = true;
+let kernelCopies = true;
 /** A background write into bytes [start, end) of an output (a file-to-file copy or a lent write); `done` never rejects. */
 interface RunningCopy {
   start: number;
@@ -151,14 +151,22 @@ function removeRegularFile(path: string): void {
 }
 
 /**
- * Copies `length` bytes of file `src` at `srcPos` to `dst` at `dstPos`: copy_file_range, and
- * where the kernel refuses (another file system, an old kernel) or stops short, a read of the
- * rest from the source file and a write of it.
+ * Copies `length` bytes of file `src` at `srcPos` to `dst` at `dstPos` on the thread pool
+ * (copy_file_range where `viaKernel`, see native offloadsCopies), and where the copy is refused
+ * (copy_file_range across file systems, an old kernel) or stops short, a read of the rest from the
+ * source file and a write of it, which reports the error if there is one.
  */
-async function copyFile(src: number, srcPos: number, dst: number, dstPos: number, length: number): Promise<void> {
-  const [copied, errno] = await nativeHelper()!.copyRange(src, srcPos, dst, dstPos, length);
+async function copyFile(
+  src: number,
+  srcPos: number,
+  dst: number,
+  dstPos: number,
+  length: number,
+  viaKernel: boolean,
+): Promise<void> {
+  const [copied, errno] = await nativeHelper()!.copyRange(src, srcPos, dst, dstPos, length, viaKernel && kernelCopies);
   if (copied === length) return;
-  if (errno !== 0 && copied === 0) copyOffload = false;
+  if (viaKernel && errno !== 0 && copied === 0) kernelCopies = false;
   const rest = Buffer.allocUnsafe(length - copied);
   let got = 0;
   while (got < rest.length) {
@@ -226,6 +234,8 @@ export class AtomicFileSink implements ByteSink {
   /** File-to-file copies still running (see write). */
   private readonly copies: RunningCopy[] = [];
   private copyFailure: Error | null = null;
+  /** Whether file-to-file copies into this output go by copy_file_range (known once the file is open). */
+  private viaKernel = false;
 
   constructor(
     readonly name: string,
@@ -251,6 +261,7 @@ export class AtomicFileSink implements ByteSink {
       throw ioError(err, name);
     }
     liveTemps.add(this.tempPath);
+    this.viaKernel = nativeHelper()?.offloadsCopies(this.fd) ?? false;
   }
 
   /** Flushes what was written so far to stable storage and keeps the sink open (checkpoints). */
@@ -270,8 +281,8 @@ export class AtomicFileSink implements ByteSink {
   }
 
   /**
-   * Bytes a read window maps from a source file go file to file inside the kernel
-   * (copy_file_range): one copy from page cache to page cache, with no page faults on our side.
+   * Bytes a read window maps from a source file go file to file on the thread pool (copyFile), never
+   * through the window's pages: touching those would fault them in, to be unmapped again.
    * Such a copy needs nothing of the caller's memory, so write() returns once it is queued and up
    * to MAX_COPIES run at a time: a copy of a 180 MiB disk spent more time waiting for each of
    * its 200 copies to come back before starting the next than in the copies themselves. Large
@@ -285,12 +296,16 @@ export class AtomicFileSink implements ByteSink {
     this.throwCopyFailure();
     const end = position + data.length;
     for (const c of [...this.copies]) if (c.start < end && position < c.end) await c.done;
-    const origin = copyOffload ? mappedOrigin(data) : null;
+    const origin = mappedOrigin(data);
     if (origin || loan) {
       while (this.copies.length >= MAX_COPIES) await this.copies[0]!.done;
       const fd = this.descriptor;
       if (origin) {
-        const copy = this.track(position, end, copyFile(origin.source.fd, origin.position, fd, position, data.length));
+        const copy = this.track(
+          position,
+          end,
+          copyFile(origin.source.fd, origin.position, fd, position, data.length, this.viaKernel),
+        );
         origin.source.holdOpen(copy.done);
       } else {
         nativeHelper()?.preallocate(fd, position, data.length);

@@ -44,7 +44,7 @@ export function forgetMappings(window: Buffer): void {
 /**
  * The file bytes `data` (a view of a window) maps, when all of it lies in one range that
  * FileSource.read mapped since the window's last forgetMappings: an output can then copy them
- * file to file (copy_file_range) instead of from memory.
+ * file to file (sink.ts) instead of from memory.
  */
 export function mappedOrigin(data: Buffer): { source: FileSource; position: number } | null {
   const ranges = mappings.get(data.buffer);
@@ -89,7 +89,7 @@ export function readWindow(length: number): Buffer {
 /** A file opened read-only: a source image is never written to. */
 export class FileSource implements ByteSource {
   private closed = false;
-  /** Copies still reading from the descriptor (an output's copy_file_range): close waits for them. */
+  /** Copies still reading from the descriptor (an output's file-to-file copies): close waits for them. */
   private readonly users = new Set<Promise<void>>();
   private constructor(
     readonly name: string,
