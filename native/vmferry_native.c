@@ -192,6 +192,12 @@ static napi_value map_window(napi_env env, napi_callback_info info) {
 // private (copy-on-write) mapping of the file at offset. The buffer and the offset must be page
 // aligned and the range inside the file (pages past the end would fault). False when it cannot be
 // done: the caller then reads the ordinary way.
+// Whether the file page mapped at `addr` is in the page cache (mincore; false if it cannot say).
+static bool page_cached(uint8_t *addr, size_t page) {
+  unsigned char resident = 0;
+  return mincore(addr, page, &resident) == 0 && (resident & 1);
+}
+
 static napi_value map_file(napi_env env, napi_callback_info info) {
   size_t argc = 4;
   napi_value argv[4];
@@ -214,8 +220,12 @@ static napi_value map_file(napi_env env, napi_callback_info info) {
     size_t span = ((size_t)length + (size_t)page - 1) / (size_t)page * (size_t)page;
     // The window must cover whole pages of its own, or the mapping would spill past the buffer.
     ok = span <= size && mmap(data, span, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_FIXED, fd, (off_t)offset) != MAP_FAILED;
-    // Pages not in the cache are read ahead now, in large requests, instead of a fault at a time.
-    if (ok) madvise(data, span, MADV_WILLNEED);
+    // Pages not in the cache are read ahead now, in large requests, instead of a fault (or a zero
+    // test's read) at a time. The hint walks every page even when all are cached (70 to 95 us per
+    // 4 MiB: 6 ms of the main thread's time converting the os disk), so a range whose first and
+    // last pages are cached is taken as cached.
+    if (ok && !(page_cached((uint8_t *)data, (size_t)page) && page_cached((uint8_t *)data + span - page, (size_t)page)))
+      madvise(data, span, MADV_WILLNEED);
   }
   napi_get_boolean(env, ok, &out);
   return out;
@@ -413,10 +423,11 @@ static int all_zero(const uint8_t *p, size_t n) {
 
 // 1 when the file's bytes [position, position + length) are all zero, 0 when not, -1 when they
 // cannot be read. `buf` holds ZERO_READ bytes. Data usually shows in its first bytes: a small read
-// first, then large ones.
+// first, then large ones. (64 bytes first rather than a page: the os disk's 3,928 clusters took
+// 4.5 to 6 ms of reads instead of 7 to 12 ms.)
 #define ZERO_READ 65536
 static int range_is_zero(int fd, int64_t position, int64_t length, uint8_t *buf) {
-  int64_t step = 4096;
+  int64_t step = 64;
   for (int64_t done = 0; done < length;) {
     size_t want = (size_t)(length - done < step ? length - done : step);
     ssize_t got = pread(fd, buf, want, (off_t)(position + done));

@@ -9,7 +9,7 @@ import { join } from 'node:path';
 import { test } from 'node:test';
 import { nativeHelper } from '../../src/disk/native.js';
 import { FileSource, readWindow } from '../../src/disk/source.js';
-import { sha256, tmpDir } from '../helpers/index.js';
+import { repoRoot, runOk, sha256, tmpDir, underStrace } from '../helpers/index.js';
 import { patternBuffer } from '../helpers/pattern.js';
 
 const MiB = 1024 * 1024;
@@ -156,4 +156,35 @@ test('zeroAt tells zero file ranges from data anywhere in them, and unreadable o
   } finally {
     await src.close();
   }
+});
+
+/** Pages of `path` in the page cache, as util-linux's fincore counts them. */
+function cachedPages(path: string): number {
+  return Number(runOk('fincore', ['--bytes', '--noheadings', '--raw', '--output', 'PAGES', path]).trim());
+}
+
+test('mapping a window asks the kernel to read ahead only pages that are not cached yet', () => {
+  const dir = tmpDir('vmferry-window-');
+  const path = join(dir, 'src.raw');
+  writeFileSync(path, patternBuffer(8 * MiB, 9));
+  // Written back, then dropped from the cache (dd's nocache), as fincore confirms.
+  runOk('sync', [path]);
+  runOk('dd', [`if=${path}`, 'iflag=nocache', 'count=0', 'status=none']);
+  assert.equal(cachedPages(path), 0, 'the file left the page cache');
+  const native = join(repoRoot, 'dist/src/disk/native.js');
+  // Two 4 MiB windows over the cold file, then the same two once every page has been read.
+  const script = `
+    import { openSync, readFileSync } from 'node:fs';
+    import { nativeHelper } from ${JSON.stringify(native)};
+    const n = nativeHelper(), fd = openSync(${JSON.stringify(path)}, 'r'), win = n.mapWindow(4 << 20);
+    n.mapFile(win, fd, 0, 4 << 20); n.mapFile(win, fd, 4 << 20, 4 << 20);
+    readFileSync(${JSON.stringify(path)});
+    process.stdout.write('cached\\n');
+    n.mapFile(win, fd, 0, 4 << 20); n.mapFile(win, fd, 4 << 20, 4 << 20);`;
+  const { calls } = underStrace(dir, 'madvise,write', ['--input-type=module', '-e', script]);
+  const marker = calls.findIndex((l) => l.includes('"cached\\n"'));
+  assert.ok(marker > 0, 'the script ran');
+  const willNeed = (lines: string[]) => lines.filter((l) => /madvise\(.*, 4194304, MADV_WILLNEED\)/.test(l)).length;
+  assert.equal(willNeed(calls.slice(0, marker)), 2, 'each cold window is read ahead');
+  assert.equal(willNeed(calls.slice(marker)), 0, 'cached windows are not');
 });
