@@ -59,10 +59,10 @@ export function runOk(cmd: string, args: string[], opts: Parameters<typeof run>[
 
 /**
  * Runs node with `args` under strace (every thread; only the successful calls of `syscalls`, e.g.
- * 'openat,rename'); it must succeed. Returns its stdout and one line per system call, so a test sees
- * the calls themselves rather than the program's account of them. A call that overlapped another
- * thread's, which strace logs in two lines ("<unfinished ...>", then "<... resumed>"), is joined
- * into one. `paths`: file descriptors are followed by their path (strace -y), as in `pread64(18</a/b>, ...`.
+ * 'openat,rename'); it must succeed. Returns its stdout and one line per system call (with a status
+ * filter strace logs each call whole, even when threads overlap), so a test sees the calls
+ * themselves rather than the program's account of them. `paths`: file descriptors are followed by
+ * their path (strace -y), as in `pread64(18</a/b>, ...`.
  */
 export function underStrace(
   dir: string,
@@ -85,31 +85,7 @@ export function underStrace(
     ...args,
   ]);
   if (r.code !== 0) throw new Error(`under strace, node ${args.join(' ')} exited ${r.code}: ${r.stderr}`);
-  return { stdout: r.stdout, calls: joinSplitCalls(readFileSync(log, 'utf8').split('\n')) };
-}
-
-/** strace -f lines with each "PID call( <unfinished ...>" joined to its "PID <... call resumed> rest". */
-function joinSplitCalls(lines: string[]): string[] {
-  const pending = new Map<string, { index: number; head: string }>();
-  const out: string[] = [];
-  for (const line of lines) {
-    const pid = /^(\d+)\s/.exec(line)?.[1] ?? '';
-    const unfinished = line.indexOf(' <unfinished ...>');
-    if (unfinished >= 0) {
-      pending.set(pid, { index: out.length, head: line.slice(0, unfinished) });
-      out.push(line);
-      continue;
-    }
-    const resumed = /^\d+\s+<\.\.\. \w+ resumed>\s?(.*)$/.exec(line);
-    const started = pending.get(pid);
-    if (resumed && started) {
-      out[started.index] = started.head + resumed[1];
-      pending.delete(pid);
-      continue;
-    }
-    out.push(line);
-  }
-  return out;
+  return { stdout: r.stdout, calls: readFileSync(log, 'utf8').split('\n') };
 }
 
 export function qemuImg(...args: string[]): string {
