@@ -1,9 +1,10 @@
-// Small helpers Node's fs lacks: SEEK_DATA/SEEK_HOLE so raw files map their holes
-// without reading them, FIEMAP for their unwritten (preallocated, reading as zeros) extents, hole punching for sparse raw output, read windows that map a file's
-// pages instead of copying them, file-to-file copies on the thread pool so stored-as-is data goes
-// from the source's page cache to the output's without passing through JS, preallocation of what is about to be written,
-// zero tests that read a file instead of a mapping, the byte loops of the compress workers
-// (Adler-32, the incompressibility test) and CRC-32C for VHDX.
+// Small helpers Node's fs lacks: SEEK_DATA/SEEK_HOLE so raw files map their holes without reading
+// them, FIEMAP for their unwritten (preallocated, reading as zeros) extents, hole punching for
+// sparse raw output, read windows that map a file's pages instead of copying them, file-to-file
+// copies on the thread pool so stored-as-is data goes from the source's page cache to the output's
+// without passing through JS, preallocation of what is about to be written, zero tests that read a
+// file instead of a mapping, the byte loops of the compress workers (Adler-32, the
+// incompressibility test) and CRC-32C for VHDX.
 #define _GNU_SOURCE
 #include <linux/falloc.h>
 #include <errno.h>
@@ -188,16 +189,16 @@ static napi_value map_window(napi_env env, napi_callback_info info) {
   return out;
 }
 
-// mapFile(buffer, fd, offset, length) -> bool: replaces the pages under buffer[0, length) with a
-// private (copy-on-write) mapping of the file at offset. The buffer and the offset must be page
-// aligned and the range inside the file (pages past the end would fault). False when it cannot be
-// done: the caller then reads the ordinary way.
 // Whether the file page mapped at `addr` is in the page cache (mincore; false if it cannot say).
 static bool page_cached(uint8_t *addr, size_t page) {
   unsigned char resident = 0;
   return mincore(addr, page, &resident) == 0 && (resident & 1);
 }
 
+// mapFile(buffer, fd, offset, length) -> bool: replaces the pages under buffer[0, length) with a
+// private (copy-on-write) mapping of the file at offset. The buffer and the offset must be page
+// aligned and the range inside the file (pages past the end would fault). False when it cannot be
+// done: the caller then reads the ordinary way.
 static napi_value map_file(napi_env env, napi_callback_info info) {
   size_t argc = 4;
   napi_value argv[4];
