@@ -161,7 +161,7 @@ test('offloadsCopies names the file systems whose copy_file_range does more than
 /**
  * How `vmferry ARGS` moved the data of `source`, as strace saw it: copy_file_range calls that copied
  * something, and reads of the source of exactly the copy buffer's 256 KiB (the other path; the zero
- * test reads 4 KiB at a time, and mapped windows read nothing).
+ * test reads 64 bytes, then at most 64 KiB at a time, and mapped windows read nothing).
  */
 function copiesDuring(dir: string, source: string, args: string[]): { kernel: number; buffered: number } {
   const { calls } = underStrace(dir, 'copy_file_range,pread64', [vmferryBin, ...args], { paths: true });
