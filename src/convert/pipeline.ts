@@ -86,6 +86,8 @@ export async function copyDisk(reader: DiskReader, writer: DiskWriter, options: 
   // does not even load worker_threads), but at once for a compressing writer: the workers then
   // start while the first chunks are read.
   let pool: CompressPool | null = options.pool ?? null;
+  // Cast, not annotated: TS would narrow an annotated null to `null` for the finally block below, not
+  // seeing getPool assign it.
   let starting = null as Promise<CompressPool> | null;
   const getPool = (): Promise<CompressPool> => {
     if (pool) return Promise.resolve(pool);
