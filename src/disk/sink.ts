@@ -298,7 +298,9 @@ export class AtomicFileSink implements ByteSink {
     for (const c of [...this.copies]) if (c.start < end && position < c.end) await c.done;
     const origin = mappedOrigin(data);
     if (origin || loan) {
-      while (this.copies.length >= MAX_COPIES) await this.copies[0]!.done;
+      // Whichever copy ends first frees a place, not the oldest: copies range from 4 KiB to 4 MiB,
+      // and waiting for the oldest left threads idle (os raw -> qcow2: 0.127 s, 0.120 s with this).
+      while (this.copies.length >= MAX_COPIES) await Promise.race(this.copies.map((c) => c.done));
       const fd = this.descriptor;
       if (origin) {
         const copy = this.track(
