@@ -704,6 +704,22 @@ static napi_value crc32c_sum(napi_env env, napi_callback_info info) {
   return out;
 }
 
+// exitNow(code): ends the process at once (_exit), skipping what exit() runs after Node's 'exit'
+// event: the environment's cleanup, the V8 heap's teardown, atexit handlers (3 to 4 ms of a 0.12 s
+// convert). Nothing is lost: Node writes stdout and stderr synchronously to files, pipes and
+// terminals on Linux, and this helper keeps no buffered output.
+static napi_value exit_now(napi_env env, napi_callback_info info) {
+  size_t argc = 1;
+  napi_value argv[1];
+  int32_t code = 0;
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  if (argc < 1 || napi_get_value_int32(env, argv[0], &code) != napi_ok) {
+    napi_throw_type_error(env, NULL, "exitNow(code)");
+    return NULL;
+  }
+  _exit(code);
+}
+
 // In v8_flags.cc: the one function that needs V8's C++ API.
 napi_value vmferry_set_v8_flags(napi_env env, napi_callback_info info);
 
@@ -723,6 +739,7 @@ static napi_value init(napi_env env, napi_value exports) {
       {"adler32", NULL, adler32_sum, NULL, NULL, NULL, napi_default, NULL},
       {"crc32c", NULL, crc32c_sum, NULL, NULL, NULL, napi_default, NULL},
       {"setV8Flags", NULL, vmferry_set_v8_flags, NULL, NULL, NULL, napi_default, NULL},
+      {"exitNow", NULL, exit_now, NULL, NULL, NULL, napi_default, NULL},
   };
   napi_define_properties(env, exports, sizeof props / sizeof props[0], props);
   return exports;

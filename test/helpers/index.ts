@@ -62,13 +62,14 @@ export function runOk(cmd: string, args: string[], opts: Parameters<typeof run>[
  * 'openat,rename'); it must succeed. Returns its stdout and one line per system call (with a status
  * filter strace logs each call whole, even when threads overlap), so a test sees the calls
  * themselves rather than the program's account of them. `paths`: file descriptors are followed by
- * their path (strace -y), as in `pread64(18</a/b>, ...`.
+ * their path (strace -y), as in `pread64(18</a/b>, ...`. `unreturned`: calls that never return
+ * (exit, exit_group) are logged too, which the status filter would drop.
  */
 export function underStrace(
   dir: string,
   syscalls: string,
   args: string[],
-  { paths = false }: { paths?: boolean } = {},
+  { paths = false, unreturned = false }: { paths?: boolean; unreturned?: boolean } = {},
 ): { stdout: string; calls: string[] } {
   const log = join(dir, `${syscalls.replace(/\W/g, '-')}.strace`);
   const r = run('strace', [
@@ -78,7 +79,7 @@ export function underStrace(
     '-e',
     `trace=${syscalls}`,
     '-e',
-    'status=successful',
+    unreturned ? 'status=successful,unfinished' : 'status=successful',
     '-o',
     log,
     process.execPath,
