@@ -1,5 +1,5 @@
-// Small helpers Node's fs lacks: SEEK_DATA/SEEK_HOLE so raw files map their holes without reading
-// them, FIEMAP for their unwritten (preallocated, reading as zeros) extents, hole punching for
+// Small helpers Node's fs lacks: FIEMAP (or else SEEK_DATA/SEEK_HOLE) so raw files map their holes
+// and unwritten (preallocated, reading as zeros) extents without reading them, hole punching for
 // sparse raw output, read windows that map a file's pages instead of copying them, file-to-file
 // copies on the thread pool so stored-as-is data goes from the source's page cache to the output's
 // without passing through JS, preallocation of what is about to be written, zero tests that read a
@@ -56,7 +56,7 @@ static napi_value seek_data_hole(napi_env env, napi_callback_info info) {
   return out;
 }
 
-// Reads the (fd, a, b) arguments that unwritten, punchHole and preallocate take; 0 when they are
+// Reads the (fd, a, b) arguments that allocation, punchHole and preallocate take; 0 when they are
 // missing or not numbers (the caller throws its own usage line, after its own range checks).
 static int fd_and_two_int64(napi_env env, napi_callback_info info, int32_t *fd, int64_t *a, int64_t *b) {
   size_t argc = 3;
@@ -66,17 +66,20 @@ static int fd_and_two_int64(napi_env env, napi_callback_info info, int32_t *fd, 
          napi_get_value_int64(env, argv[2], b) == napi_ok;
 }
 
-// unwritten(fd, from, to) -> [start0, end0, start1, end1, ...]: the file's unwritten extents
-// (allocated, reading as zeros) within [from, to), or null when the file system has no FIEMAP.
-// FIEMAP_FLAG_SYNC writes dirty pages back first: data written into a preallocated extent stays
-// flagged unwritten until then. SEEK_DATA cannot tell these zeros apart, since once read their
-// pages are cached, and ext4 then reports them as data.
+// allocation(fd, from, to) -> [start0, end0, written0, start1, end1, written1, ...]: the file's
+// allocated extents within [from, to), in order, written 1 for data and 0 for an unwritten extent
+// (allocated, reading as zeros); the gaps between them are holes. Null when the file system has no
+// FIEMAP. FIEMAP_FLAG_SYNC writes dirty pages back first: data written into a preallocated extent
+// stays flagged unwritten until then, and delayed allocations have no extent yet. SEEK_DATA cannot
+// tell unwritten zeros apart (once read, their pages are cached and ext4 reports them as data), and
+// walking a cached unwritten extent with SEEK_HOLE takes milliseconds: 2 ms of the os disk's 2.5 ms
+// of seeks went on its 64 MiB journal, against 0.03 ms for this whole map.
 #define FIEMAP_BATCH 256
-static napi_value unwritten_extents(napi_env env, napi_callback_info info) {
+static napi_value allocation_map(napi_env env, napi_callback_info info) {
   int32_t fd;
   int64_t from, to;
   if (!fd_and_two_int64(env, info, &fd, &from, &to) || from < 0 || to < from) {
-    napi_throw_type_error(env, NULL, "unwritten(fd, from, to)");
+    napi_throw_type_error(env, NULL, "allocation(fd, from, to)");
     return NULL;
   }
   napi_value out, nothing;
@@ -87,6 +90,7 @@ static napi_value unwritten_extents(napi_env env, napi_callback_info info) {
   uint32_t n = 0;
   uint64_t pos = (uint64_t)from;
   uint32_t flags = FIEMAP_FLAG_SYNC;
+  // Extents whose bytes FIEMAP cannot vouch for are taken as data.
   const uint32_t unsure = FIEMAP_EXTENT_UNKNOWN | FIEMAP_EXTENT_DELALLOC | FIEMAP_EXTENT_ENCODED |
                           FIEMAP_EXTENT_DATA_ENCRYPTED | FIEMAP_EXTENT_DATA_INLINE | FIEMAP_EXTENT_DATA_TAIL;
   while (pos < (uint64_t)to) {
@@ -106,15 +110,16 @@ static napi_value unwritten_extents(napi_env env, napi_callback_info info) {
     for (uint32_t i = 0; i < fm->fm_mapped_extents; i++) {
       struct fiemap_extent *e = &fm->fm_extents[i];
       uint64_t s = e->fe_logical, end = e->fe_logical + e->fe_length;
-      if ((e->fe_flags & FIEMAP_EXTENT_UNWRITTEN) && !(e->fe_flags & unsure)) {
-        uint64_t a = s < pos ? pos : s, b = end > (uint64_t)to ? (uint64_t)to : end;
-        if (a < b) {
-          napi_value va, vb;
-          napi_create_double(env, (double)a, &va);
-          napi_create_double(env, (double)b, &vb);
-          napi_set_element(env, out, n++, va);
-          napi_set_element(env, out, n++, vb);
-        }
+      uint64_t a = s < pos ? pos : s, b = end > (uint64_t)to ? (uint64_t)to : end;
+      if (a < b) {
+        int written = !(e->fe_flags & FIEMAP_EXTENT_UNWRITTEN) || (e->fe_flags & unsure);
+        napi_value va, vb, vw;
+        napi_create_double(env, (double)a, &va);
+        napi_create_double(env, (double)b, &vb);
+        napi_create_int32(env, written, &vw);
+        napi_set_element(env, out, n++, va);
+        napi_set_element(env, out, n++, vb);
+        napi_set_element(env, out, n++, vw);
       }
       if (end > pos) pos = end;
       if (e->fe_flags & FIEMAP_EXTENT_LAST) last = 1;
@@ -726,7 +731,7 @@ napi_value vmferry_set_v8_flags(napi_env env, napi_callback_info info);
 static napi_value init(napi_env env, napi_value exports) {
   napi_property_descriptor props[] = {
       {"seek", NULL, seek_data_hole, NULL, NULL, NULL, napi_default, NULL},
-      {"unwritten", NULL, unwritten_extents, NULL, NULL, NULL, napi_default, NULL},
+      {"allocation", NULL, allocation_map, NULL, NULL, NULL, napi_default, NULL},
       {"punchHole", NULL, punch_hole, NULL, NULL, NULL, napi_default, NULL},
       {"mapWindow", NULL, map_window, NULL, NULL, NULL, napi_default, NULL},
       {"mapFile", NULL, map_file, NULL, NULL, NULL, napi_default, NULL},

@@ -1,15 +1,16 @@
 import { createRequire } from 'node:module';
 
-/** The optional C helper (native/): SEEK_DATA/SEEK_HOLE, unwritten extents (FIEMAP), hole punching, mapped read windows, file-to-file copies, preallocation, zero tests (on the calling thread or the pool), Adler-32, CRC-32C, the incompressibility test, V8 flags. */
+/** The optional C helper (native/): allocated and unwritten extents (FIEMAP), SEEK_DATA/SEEK_HOLE, hole punching, mapped read windows, file-to-file copies, preallocation, zero tests (on the calling thread or the pool), Adler-32, CRC-32C, the incompressibility test, V8 flags. */
 export interface NativeHelper {
   /** Next data (which = 0) or hole (which = 1) offset at or after `offset`; -1 when none. */
   seek(fd: number, offset: number, which: 0 | 1): number;
   /**
-   * The file's unwritten extents (allocated, reading as zeros) within [from, to), as flat
-   * [start, end, start, end, ...] pairs; null when the file system cannot say (no FIEMAP).
-   * Dirty pages are written back first, so data written into such an extent is never missed.
+   * The file's allocated extents within [from, to) as flat [start, end, written, ...] triples, in
+   * order: written 1 for data, 0 for an unwritten extent (allocated, reading as zeros); the gaps are
+   * holes. Null when the file system cannot say (no FIEMAP). Dirty pages are written back first, so
+   * data written into an unwritten extent, or not yet allocated, is never missed.
    */
-  unwritten(fd: number, from: number, to: number): number[] | null;
+  allocation(fd: number, from: number, to: number): number[] | null;
   punchHole(fd: number, offset: number, length: number): boolean;
   /** Page-aligned private memory that mapFile can point at a file's pages. */
   mapWindow(length: number): Buffer;

@@ -61,6 +61,20 @@ export function sparseRawImage(virtualSize: number, name = `sparse-${virtualSize
 }
 
 /**
+ * A file's extents as e2fsprogs' filefrag lists them after a sync (-s): [start, end, written]
+ * byte ranges in order, written 0 for an unwritten extent (allocated, reading as zeros), else 1.
+ */
+export function allocatedRanges(path: string): [number, number, number][] {
+  const out = runOk('filefrag', ['-s', '-v', path]);
+  const block = Number(/blocks of (\d+) bytes/.exec(out)?.[1] ?? Number.NaN);
+  const ranges: [number, number, number][] = [];
+  for (const m of out.matchAll(/^\s*\d+:\s+(\d+)\.\.\s*(\d+):.*$/gm)) {
+    ranges.push([Number(m[1]) * block, (Number(m[2]) + 1) * block, /\bunwritten\b/.test(m[0]) ? 0 : 1]);
+  }
+  return ranges;
+}
+
+/**
  * A file's unwritten extents (allocated, reading as zeros) as e2fsprogs' filefrag reports them:
  * [start, end) byte ranges. qemu-img map counts them as data once their pages are cached.
  */
