@@ -23,6 +23,11 @@ export interface ByteSink {
   readonly name: string;
   /** Only ascending writes (a pipe). */
   readonly sequential: boolean;
+  /**
+   * No write has reached this offset or beyond, nor did the file hold bytes there when the sink
+   * opened it: those bytes read as zeros until written, so a writer need not write zeros there.
+   */
+  readonly untouchedFrom: number;
   write(data: Buffer, position: number): Promise<void>;
   /** Sets the final length (extends with a hole or, on a pipe, with zeros). */
   setLength(length: number): Promise<void>;
@@ -236,6 +241,8 @@ export class AtomicFileSink implements ByteSink {
   private copyFailure: Error | null = null;
   /** Whether file-to-file copies into this output go by copy_file_range (known once the file is open). */
   private viaKernel = false;
+  /** See ByteSink.untouchedFrom: the adopted file's length, then the furthest end of any write. */
+  private reach = 0;
 
   constructor(
     readonly name: string,
@@ -254,6 +261,7 @@ export class AtomicFileSink implements ByteSink {
         renameSync(adopt.tempPath, this.tempPath);
         this.fd = openSync(this.tempPath, constants.O_WRONLY);
         ftruncateSync(this.fd, adopt.length);
+        this.reach = adopt.length;
       } else {
         this.fd = openSync(this.tempPath, constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL, 0o644);
       }
@@ -290,11 +298,16 @@ export class AtomicFileSink implements ByteSink {
    * one waits for it; flush, sync, setLength and abort wait for all; a failure is thrown by the
    * next call. Small writes (WRITE_NOW_UP_TO) are written at once on the calling thread.
    */
+  get untouchedFrom(): number {
+    return this.reach;
+  }
+
   async write(data: Buffer, position: number): Promise<void> {
     // Taken before any await: only writes started inside lendWrites' call are lent.
     const loan = data.length >= PREALLOCATE_FROM ? currentLoan : null;
     this.throwCopyFailure();
     const end = position + data.length;
+    if (end > this.reach) this.reach = end;
     for (const c of [...this.copies]) if (c.start < end && position < c.end) await c.done;
     const origin = mappedOrigin(data);
     if (origin || loan) {
@@ -363,6 +376,8 @@ export class AtomicFileSink implements ByteSink {
     } catch (err) {
       throw ioError(err, this.name);
     }
+    // Cut bytes read as zeros if the file grows again.
+    this.reach = Math.min(this.reach, length);
   }
 
   async flush(): Promise<void> {
@@ -440,6 +455,10 @@ export function fsyncDirectory(dir: string): void {
 export class PipeSink implements ByteSink {
   readonly sequential = true;
   private position = 0;
+  /** Gaps are sent as zeros (padTo), so only what was written is touched. */
+  get untouchedFrom(): number {
+    return this.position;
+  }
   constructor(
     readonly name: string,
     private readonly fd: number,

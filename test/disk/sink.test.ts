@@ -72,3 +72,30 @@ test('temp files of a killed process are removed by the next run; live ones are 
   assert.deepEqual(removeStaleTemps(dir), [dead]);
   assert.deepEqual(readdirSync(dir), [live]);
 });
+
+test('untouchedFrom is the furthest write, cut back by setLength, and the file reads as zeros from there', async () => {
+  const dir = tmpDir();
+  const sink = new AtomicFileSink(join(dir, 'reach.img'));
+  assert.equal(sink.untouchedFrom, 0);
+  await sink.write(Buffer.alloc(4096, 7), 8192);
+  await sink.write(Buffer.alloc(512, 8), 0);
+  assert.equal(sink.untouchedFrom, 12288);
+  await sink.setLength(10000);
+  assert.equal(sink.untouchedFrom, 10000);
+  await sink.setLength(20000);
+  assert.equal(sink.untouchedFrom, 10000);
+  const bytes = readFileSync(sink.tempPath);
+  assert.equal(bytes.length, 20000);
+  assert.ok(bytes.subarray(sink.untouchedFrom).every((b) => b === 0));
+  assert.ok(bytes.subarray(8192, 10000).every((b) => b === 7));
+  await sink.abort();
+});
+
+test('an adopted temp file is untouched from its length on', async () => {
+  const dir = tmpDir();
+  const left = join(dir, '.left.img.vmferry-tmp-1-x');
+  writeFileSync(left, Buffer.alloc(6000, 3));
+  const sink = new AtomicFileSink(join(dir, 'left.img'), { tempPath: left, length: 5000 });
+  assert.equal(sink.untouchedFrom, 5000);
+  await sink.abort();
+});

@@ -658,8 +658,11 @@ export class Qcow2Writer implements DiskWriter {
       }
       const kind = existing ? existing.kind[i]! : KIND_UNALLOCATED;
       if (kind === KIND_DATA && !existing!.alloc) {
-        // Already holds data: overwrite with real zeros.
-        await this.sink.write(Buffer.alloc(pieceEnd - pos), existing!.host[i]! + (pos - clusterStart));
+        // Already holds data: overwrite with real zeros, up to the furthest byte written (a new
+        // cluster is allocated at the end of the file, so past that it reads as zeros already).
+        const host = existing!.host[i]! + (pos - clusterStart);
+        const written = Math.min(pieceEnd - pos, this.sink.untouchedFrom - host);
+        if (written > 0) await this.sink.write(Buffer.alloc(written), host);
       } else if (kind === KIND_COMPRESSED) {
         throw new VmferryError(`cluster at ${clusterStart} is already compressed; rewriting it is not supported`, this.path);
       } else if (this.hasBacking) {

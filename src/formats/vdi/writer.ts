@@ -236,7 +236,13 @@ export class VdiWriter implements DiskWriter {
         continue;
       }
       const n = Math.min(end - pos, (block + 1) * BS - pos);
-      if (this.entry(block) !== BLOCK_FREE) await this.writeZeros(pos, n);
+      const index = this.entry(block);
+      if (index !== BLOCK_FREE) {
+        // A block is allocated at the end of the file: past the furthest write it reads as zeros already.
+        const filePos = this.offData + index * BS + (pos - block * BS);
+        const written = Math.min(n, this.sink.untouchedFrom - filePos);
+        if (written > 0) await this.writeZeros(pos, written);
+      }
       pos += n;
     }
   }

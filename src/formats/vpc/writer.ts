@@ -34,6 +34,7 @@ const FULL = Buffer.alloc(0);
 /** Stands in for a sink while a resumed writer's tables are checked (never written to). */
 class NullSink implements ByteSink {
   readonly sequential = false;
+  readonly untouchedFrom = 0;
   constructor(readonly name: string) {}
   async write(): Promise<void> {
     throw new Error('NullSink is never written');
