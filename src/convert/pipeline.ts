@@ -46,6 +46,14 @@ const DEFAULT_CHUNK = 4 * 1024 * 1024;
  * read-ahead window holds a few of them, in and out, so it also sets the memory used). */
 const DEFAULT_COMPRESS_CHUNK = 2 * 1024 * 1024;
 
+/**
+ * Pieces up to this long from a mapped window have their zero test here, on the main thread
+ * (zeroAt: a data cluster costs one 64-byte read), not on the thread pool (zeroMap): a pool job's
+ * round trip cost more than the test. huge raw -> vdi (256 pieces of 1 MiB): 0.191 s, 0.179 s
+ * with this; huge raw -> qcow2 0.280 s, 0.264 s (14 alternating runs).
+ */
+const ZERO_TEST_HERE_UP_TO = 1024 * 1024;
+
 type UnitKind = 'data' | 'zero' | 'same';
 
 /** What the writer is told to do for one piece of the disk, in order. */
@@ -137,7 +145,7 @@ export async function copyDisk(reader: DiskReader, writer: DiskWriter, options: 
     } else await reader.read(piece.offset, piece.length, buffer.subarray(0, piece.length));
     const data = buffer.subarray(0, piece.length);
     const base = baseline ? await readBaseline(baseline, piece.offset, piece.length) : null;
-    const flags = mapped && !base ? await zeroFlagsInFile(data, piece.offset, unit) : null;
+    const flags = mapped && !base && data.length > ZERO_TEST_HERE_UP_TO ? await zeroFlagsInFile(data, piece.offset, unit) : null;
     const runs = flags
       ? runsFromFlags(piece.offset, data.length, unit, flags)
       : classify(piece.offset, data, base, unit, mapped ? isZeroInFile : isZero);
@@ -299,8 +307,8 @@ function isZeroInFile(buf: Buffer, start: number, end: number): boolean {
 /**
  * The zero test of a whole piece that one source file maps, run on the thread pool (native
  * zeroMap): one call per piece instead of one zeroAt per cluster on the main thread, which then
- * goes on reading and queueing copies. Null when the piece maps no single file range, or its
- * bytes could not be read (the caller tests the clusters itself).
+ * goes on reading and queueing copies (for pieces over ZERO_TEST_HERE_UP_TO). Null when the piece
+ * maps no single file range, or its bytes could not be read (the caller tests the clusters itself).
  */
 async function zeroFlagsInFile(data: Buffer, pos: number, unit: number): Promise<Buffer | null> {
   const native = nativeHelper();
