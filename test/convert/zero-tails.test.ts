@@ -1,7 +1,7 @@
 /**
- * A qcow2 cluster or VDI block that holds a little data and then zeros: the zeros after the data
- * are not written, since the cluster or block was allocated at the end of the output file and
- * reads as zeros there already. Judges: qemu-img compare for the content, and qemu-img map of the
+ * A qcow2 cluster, VDI block or VHD block that holds a little data and then zeros: the zeros after
+ * the data are not written, since the cluster or block was allocated at the end of the output file
+ * and reads as zeros there already. Judges: qemu-img compare for the content, and qemu-img map of the
  * output file as raw (SEEK_DATA) for which of its bytes were written.
  */
 import assert from 'node:assert/strict';
@@ -31,9 +31,11 @@ function writtenBytes(path: string): number {
   return map.filter((e) => e.data).reduce((n, e) => n + e.length, 0);
 }
 
+// VPC's unit: the 64 KiB a dynamic VHD's writer records as written within its 2 MiB blocks.
 for (const [format, unit] of [
   ['qcow2', 64 * 1024],
   ['vdi', MiB],
+  ['vpc', 64 * 1024],
 ] as const) {
   test(`${format}: the zeros after each piece of data in its ${unit / 1024} KiB unit are left unwritten`, () => {
     const dir = tmpDir('vmferry-zero-tails-');
@@ -42,7 +44,7 @@ for (const [format, unit] of [
     runOk(process.execPath, [vmferryBin, 'convert', '-O', format, src, out]);
     qemuImg('compare', '-f', 'raw', '-F', format, src, out);
     // Each unit's written part is its piece of data; its metadata is a few clusters more. Writing
-    // the zeros would add (unit - 8 KiB) for every piece: 0.9 MiB for qcow2, 15.9 MiB for VDI.
+    // the zeros would add (unit - 8 KiB) for every piece: 0.9 MiB for qcow2 and VPC, 15.9 MiB for VDI.
     const written = writtenBytes(out);
     assert.ok(written < PIECES * PIECE + 512 * 1024, `${written} bytes written for ${PIECES * PIECE} bytes of data`);
   });

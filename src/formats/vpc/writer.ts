@@ -259,11 +259,14 @@ export class VpcWriter implements DiskWriter {
         if (fresh && inBlock % GRAIN === 0 && n % GRAIN === 0) this.markSectors(block, inBlock, n);
         else await this.writeZeros(pos, n, (p, b) => this.writeInBlock(block, p - block * DEFAULT_BLOCK_SIZE, b));
       } else if (allocated) {
-        // Only over what was written: the rest of an allocated block reads as zeros already.
+        // Only over what was written: the rest of an allocated block reads as zeros already, as
+        // does the file past the furthest write (the tail of a unit written in part).
+        const base = this.blockDataPos(block);
         for (let u = Math.floor(inBlock / WRITTEN_UNIT); u * WRITTEN_UNIT < inBlock + n; u++) {
           if (!((this.written[block]! >>> u) & 1)) continue;
           const from = Math.max(inBlock, u * WRITTEN_UNIT);
-          const to = Math.min(inBlock + n, (u + 1) * WRITTEN_UNIT);
+          const to = Math.min(inBlock + n, (u + 1) * WRITTEN_UNIT, this.sink.untouchedFrom - base);
+          if (to <= from) continue;
           await this.writeZeros(block * DEFAULT_BLOCK_SIZE + from, to - from, (p, b) =>
             this.writeInBlock(block, p - block * DEFAULT_BLOCK_SIZE, b),
           );
