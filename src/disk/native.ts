@@ -5,10 +5,11 @@ export interface NativeHelper {
   /** Next data (which = 0) or hole (which = 1) offset at or after `offset`; -1 when none. */
   seek(fd: number, offset: number, which: 0 | 1): number;
   /**
-   * The file's allocated extents within [from, to) as flat [start, end, written, ...] triples, in
-   * order: written 1 for data, 0 for an unwritten extent (allocated, reading as zeros); the gaps are
-   * holes. Null when the file system cannot say (no FIEMAP). Dirty pages are written back first, so
-   * data written into an unwritten extent, or not yet allocated, is never missed.
+   * The file's first allocated extents within [from, to) (at most 256: ask again from the last
+   * end; an empty answer means none is left), as flat [start, end, written, ...] triples in order:
+   * written 1 for data, 0 for an unwritten extent (allocated, reading as zeros); the gaps are holes.
+   * Null when the file system cannot say (no FIEMAP). Dirty pages are written back first, so data
+   * written into an unwritten extent, or not yet allocated, is never missed.
    */
   allocation(fd: number, from: number, to: number): number[] | null;
   punchHole(fd: number, offset: number, length: number): boolean;

@@ -288,6 +288,10 @@ export class AtomicFileSink implements ByteSink {
     return this.fd;
   }
 
+  get untouchedFrom(): number {
+    return this.reach;
+  }
+
   /**
    * Bytes a read window maps from a source file go file to file on the thread pool (copyFile), never
    * through the window's pages: touching those would fault them in, to be unmapped again.
@@ -298,10 +302,6 @@ export class AtomicFileSink implements ByteSink {
    * one waits for it; flush, sync, setLength and abort wait for all; a failure is thrown by the
    * next call. Small writes (WRITE_NOW_UP_TO) are written at once on the calling thread.
    */
-  get untouchedFrom(): number {
-    return this.reach;
-  }
-
   async write(data: Buffer, position: number): Promise<void> {
     // Taken before any await: only writes started inside lendWrites' call are lent.
     const loan = data.length >= PREALLOCATE_FROM ? currentLoan : null;

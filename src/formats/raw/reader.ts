@@ -36,12 +36,39 @@ export class RawReader implements DiskReader {
     // FIEMAP says which extents hold data and which are unwritten (reading as zeros, though once
     // their pages are cached SEEK_DATA calls them data), in one call. Without it, SEEK_DATA/SEEK_HOLE;
     // an empty answer for a file with blocks is not trusted either (a file system that lists nothing).
-    const allocation = native.allocation(this.source.fd, from, end);
+    const first = native.allocation(this.source.fd, from, end);
     let mapped: Iterable<Extent>;
-    if (allocation && (allocation.length > 0 || st.blocks === 0)) mapped = fromAllocation(allocation, from, end);
+    if (first && (first.length > 0 || st.blocks === 0)) mapped = this.allocationMap(native, first, from, end);
     else if (st.blocks * 512 >= st.size) mapped = [{ offset: from, length: end - from, kind: 'data' }];
     else mapped = this.holeMap(native, from, end);
     yield* mergeExtents(mapped, from, end);
+  }
+
+  /** Extents of [from, end) from allocation's batches of [start, end, written] triples: holes and unwritten extents are zero. */
+  private *allocationMap(
+    native: NonNullable<ReturnType<typeof nativeHelper>>,
+    first: number[],
+    from: number,
+    end: number,
+  ): Generator<Extent> {
+    let pos = from;
+    for (let batch: number[] | null = first; batch !== null && batch.length > 0; ) {
+      for (let i = 0; i < batch.length; i += 3) {
+        const start = batch[i]!;
+        const stop = batch[i + 1]!;
+        if (start > pos) yield { offset: pos, length: start - pos, kind: 'zero' };
+        yield { offset: start, length: stop - start, kind: batch[i + 2] === 1 ? 'data' : 'zero' };
+        pos = stop;
+      }
+      if (pos >= end) return;
+      batch = native.allocation(this.source.fd, pos, end);
+      // FIEMAP failing half-way: the rest by SEEK_DATA/SEEK_HOLE.
+      if (batch === null) {
+        yield* this.holeMap(native, pos, end);
+        return;
+      }
+    }
+    if (pos < end) yield { offset: pos, length: end - pos, kind: 'zero' };
   }
 
   private *holeMap(native: NonNullable<ReturnType<typeof nativeHelper>>, from: number, end: number): Generator<Extent> {
@@ -73,17 +100,4 @@ export class RawReader implements DiskReader {
   async close(): Promise<void> {
     await this.source.close();
   }
-}
-
-/** Extents of [from, end) from allocation's [start, end, written] triples: holes and unwritten extents are zero. */
-function* fromAllocation(allocation: number[], from: number, end: number): Generator<Extent> {
-  let pos = from;
-  for (let i = 0; i < allocation.length; i += 3) {
-    const start = allocation[i]!;
-    const stop = allocation[i + 1]!;
-    if (start > pos) yield { offset: pos, length: start - pos, kind: 'zero' };
-    yield { offset: start, length: stop - start, kind: allocation[i + 2] === 1 ? 'data' : 'zero' };
-    pos = stop;
-  }
-  if (pos < end) yield { offset: pos, length: end - pos, kind: 'zero' };
 }
