@@ -34,8 +34,9 @@ export class RawReader implements DiskReader {
       return;
     }
     // FIEMAP says which extents hold data and which are unwritten (reading as zeros, though once
-    // their pages are cached SEEK_DATA calls them data), in one call. Without it, SEEK_DATA/SEEK_HOLE;
-    // an empty answer for a file with blocks is not trusted either (a file system that lists nothing).
+    // their pages are cached SEEK_DATA calls them data), 256 extents a call. Without it,
+    // SEEK_DATA/SEEK_HOLE; a first answer that is empty for a file with blocks is not trusted
+    // either (a file system that lists nothing).
     const first = native.allocation(this.source.fd, from, end);
     let mapped: Iterable<Extent>;
     if (first && (first.length > 0 || st.blocks === 0)) mapped = this.allocationMap(native, first, from, end);
