@@ -4,7 +4,7 @@
  * the code that ran is the code on disk.
  */
 import assert from 'node:assert/strict';
-import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, readFileSync, symlinkSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import { readCacheFile, writeCacheFile } from '../../src/cli/code-cache.js';
@@ -95,4 +95,94 @@ test('the CLI keeps its cache beside the bundle', () => {
   const r = run(process.execPath, [join(repoRoot, 'bin/vmferry'), '--version']);
   assert.equal(r.code, 0, r.stderr);
   assert.ok(existsSync(join(repoRoot, 'dist/cli/.v8-cache/main.cjs.v8')));
+});
+
+/**
+ * A bundle whose chunks require each other the way rollup writes it ('./name.cjs'), loaded by a
+ * launcher that also requires one of them itself, the way bin/vmferry requires startup.cjs.
+ */
+function siblingBundle(files: Record<string, string>, launch: string): { dir: string; launcher: string } {
+  const dir = tmpDir('vmferry-codecache-');
+  const bundle = join(dir, 'bundle');
+  writeFileSync(join(dir, 'package.json'), '{ "type": "commonjs" }');
+  mkdirSync(bundle);
+  for (const [name, text] of Object.entries(files)) writeFileSync(join(bundle, name), text);
+  const launcher = join(dir, 'launch.cjs');
+  writeFileSync(
+    launcher,
+    `const bundle = process.argv[2] ?? ${JSON.stringify(bundle)};\n` +
+      `require(${JSON.stringify(join(repoRoot, 'dist/cli/code-cache.cjs'))}).useCodeCache(bundle);\n` +
+      launch,
+  );
+  return { dir, launcher };
+}
+
+test('a chunk is one module, whether the launcher or a sibling chunk requires it first', () => {
+  const { launcher } = siblingBundle(
+    {
+      'state.cjs': 'exports.count = 0;\nexports.bump = () => ++exports.count;\n',
+      'a.cjs': "const s = require('./state.cjs');\nexports.run = () => s.bump();\n",
+      'b.cjs': "const s = require('./state.cjs');\nconst { sep } = require('node:path');\nexports.run = () => s.bump() + sep;\n",
+    },
+    // Launcher first, then two chunks: one counter, bumped three times.
+    "const { join } = require('node:path');\n" +
+      "const state = require(join(bundle, 'state.cjs'));\n" +
+      'state.bump();\n' +
+      "process.stdout.write([require(join(bundle, 'a.cjs')).run(), require(join(bundle, 'b.cjs')).run(), state.count].join(' '));\n",
+  );
+  for (let i = 0; i < 2; i++) {
+    const r = run(process.execPath, [launcher]);
+    assert.equal(r.code, 0, r.stderr);
+    assert.equal(r.stdout, '2 3/ 3', `run ${i + 1}`);
+  }
+});
+
+test('chunks that require each other in a cycle see each other as Node would show them', () => {
+  const { launcher } = siblingBundle(
+    {
+      'main.cjs':
+        "exports.early = 'main-early';\nconst other = require('./other.cjs');\nexports.late = 'main-late';\nexports.say = () => other.seen + ' ' + other.now();\n",
+      'other.cjs':
+        "const main = require('./main.cjs');\nexports.seen = String(main.early) + '/' + String(main.late);\nexports.now = () => main.late;\n",
+    },
+    "process.stdout.write(require(require('node:path').join(bundle, 'main.cjs')).say());\n",
+  );
+  // What Node's own require gives: the exports so far while main.cjs is still loading.
+  const r = run(process.execPath, [launcher]);
+  assert.equal(r.code, 0, r.stderr);
+  assert.equal(r.stdout, 'main-early/undefined main-late');
+});
+
+test('a chunk that throws while loading is not kept: a second require runs it again', () => {
+  const { launcher } = siblingBundle(
+    {
+      'flaky.cjs':
+        "globalThis.tries = (globalThis.tries ?? 0) + 1;\nif (globalThis.tries === 1) throw new Error('first time');\nexports.ok = globalThis.tries;\n",
+      'main.cjs': "exports.get = () => { try { return require('./flaky.cjs').ok; } catch (e) { return e.message; } };\n",
+    },
+    "const m = require(require('node:path').join(bundle, 'main.cjs'));\nprocess.stdout.write([m.get(), m.get(), m.get()].join(', '));\n",
+  );
+  const r = run(process.execPath, [launcher]);
+  assert.equal(r.code, 0, r.stderr);
+  assert.equal(r.stdout, 'first time, 2, 2');
+});
+
+test('a bundle reached through a symbolic link is cached, and its chunks loaded once', () => {
+  const { dir, launcher } = siblingBundle(
+    {
+      'state.cjs': 'exports.count = 0;\n',
+      'main.cjs': "const s = require('./state.cjs');\nexports.say = () => ++s.count;\n",
+    },
+    "const { join } = require('node:path');\n" +
+      "const n = require(join(bundle, 'main.cjs')).say();\n" +
+      "process.stdout.write([n, require(join(bundle, 'state.cjs')).count].join(' '));\n",
+  );
+  const link = join(dir, 'linked');
+  symlinkSync(join(dir, 'bundle'), link);
+  const first = underStrace(dir, 'openat,rename', [launcher, link]);
+  assert.equal(first.stdout, '1 1');
+  const second = underStrace(dir, 'openat,rename', [launcher, link]);
+  assert.equal(second.stdout, '1 1');
+  const cacheReads = second.calls.filter((l) => l.includes('.v8-cache/') && l.includes('O_RDONLY') && !l.includes('ENOENT'));
+  assert.equal(cacheReads.length, 2, second.calls.join('\n'));
 });
