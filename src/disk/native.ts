@@ -1,4 +1,4 @@
-import { createRequire } from 'node:module';
+import { fileURLToPath } from 'node:url';
 
 /** The optional C helper (native/): allocated and unwritten extents (FIEMAP), SEEK_DATA/SEEK_HOLE, hole punching, mapped read windows, file-to-file copies, preallocation, zero tests (on the calling thread or the pool), Adler-32, CRC-32C, the incompressibility test, V8 flags. */
 export interface NativeHelper {
@@ -66,8 +66,11 @@ let cached: NativeHelper | null | undefined;
 export function nativeHelper(): NativeHelper | null {
   if (cached !== undefined) return cached;
   try {
-    const require = createRequire(import.meta.url);
-    cached = require('../../../native/build/Release/vmferry_native.node') as NativeHelper;
+    // process.dlopen, not require: the same load without require's resolution of the path, which
+    // took 0.7 ms of every start.
+    const addon = { exports: {} as NativeHelper };
+    process.dlopen(addon, fileURLToPath(new URL('../../../native/build/Release/vmferry_native.node', import.meta.url)));
+    cached = addon.exports;
   } catch {
     cached = null;
   }
