@@ -24,6 +24,10 @@ export default {
   external: (id) => !id.startsWith('.') && !id.startsWith('/'),
   plugins: [moduleUrls],
   output: {
+    // What bin/vmferry loads before the code cache is in place, in one chunk: Node compiles it
+    // uncached, and each file it requires costs about 0.25 ms more (a 1 MiB convert: 0.056 s, 0.054 s
+    // in one chunk instead of three, 40 alternating runs).
+    manualChunks: (id) => (/\/(disk\/native|cli\/code-cache|cli\/startup)\.js$/.test(id) ? 'startup' : undefined),
     dir: outDir,
     format: 'cjs',
     entryFileNames: '[name].cjs',
