@@ -92,9 +92,9 @@ export function useCodeCache(bundlePath: string, flagsUnchanged: () => boolean =
   const uncached: { script: Script; path: string; size: number; mtimeMs: number }[] = [];
   // A chunk requiring a sibling ('./name.cjs', as rollup writes it) gets it straight from its file.
   // Node's require would first resolve the name, find its real path and look up the package scope:
-  // about 0.25 ms a chunk, of the 15 a convert loads (a 1 MiB convert: 60.9 ms, 56.6 ms with this,
-  // 16 alternating runs). Node's own module cache is used, so a chunk is one module however it was
-  // first required.
+  // about 0.25 ms for each of the 14 a convert loads (a 1 MiB convert: 67.5 ms, 63.2 ms with this
+  // and node:os and parseArgs loaded early, startup.ts; hyperfine, 40 runs). Node's own module
+  // cache is used, so a chunk is one module however it was first required.
   const requireFrom = (parent: LoadedModule, id: string): unknown => {
     if (!id.startsWith('./') || !id.endsWith('.cjs') || id.includes('/', 2)) return parent.require(id);
     const filename = join(bundleDir, id.slice(2));
