@@ -1,6 +1,7 @@
 /**
- * What bin/vmferry does before it loads the CLI: the JIT setting, then the code cache. V8 keys
- * cached code by its flags, so they are set first, and the same way on every run.
+ * What bin/vmferry does before it loads the CLI (Node's modules the commands need, the JIT
+ * setting, then the code cache) and once the command has returned (finishCli). V8 keys cached code
+ * by its flags, so they are set first, and the same way on every run.
  */
 import 'node:os';
 import * as util from 'node:util';
