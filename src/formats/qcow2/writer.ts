@@ -724,14 +724,13 @@ export class Qcow2Writer implements DiskWriter {
     }
   }
 
-  /** The on-disk bytes of one L2 table. */
-  private encodeTable(l1Index: number, t: L2Build | undefined): Buffer {
+  /** The on-disk bytes of one L2 table, into `out` (one cluster of zeros). */
+  private encodeTable(l1Index: number, t: L2Build | undefined, out: Buffer): void {
     const { l2Entries, extL2, clusterBits } = this.layout;
     const es = extL2 ? 16 : 8;
-    const out = Buffer.alloc(this.cs);
     if (t && !extL2 && !this.layout.preallocate) {
       encodePlainTable(t, out, clusterBits);
-      return out;
+      return;
     }
     for (let i = 0; i < l2Entries; i++) {
       const p = i * es;
@@ -762,7 +761,6 @@ export class Qcow2Writer implements DiskWriter {
         }
       }
     }
-    return out;
   }
 
   async finish(): Promise<void> {
@@ -785,26 +783,26 @@ export class Qcow2Writer implements DiskWriter {
     const cs = this.cs;
     const L = this.layout;
     this.tail = Math.ceil(this.tail / cs) * cs;
-    // L2 tables, batched into large writes.
+    // L2 tables, encoded straight into batches of up to 8 MiB, one write each (a buffer per table,
+    // then concatenated, copied each table once more).
     const l1 = Buffer.alloc(Math.ceil((L.l1Size * 8) / cs) * cs);
-    const indices = L.preallocate ? Array.from({ length: L.l1Size }, (_, i) => i) : [...this.tables.keys()].sort((a, b) => a - b);
-    const batch: Buffer[] = [];
-    let batchStart = this.tail;
-    const flushBatch = async () => {
-      if (batch.length) await this.sink.write(batch.length === 1 ? batch[0]! : Buffer.concat(batch), batchStart);
-      batch.length = 0;
-      batchStart = this.tail;
-    };
-    for (const idx of indices) {
-      const t = this.tables.get(idx);
-      if (t && !L.preallocate && !hasEntries(t.kind)) continue;
-      const host = this.allocCluster();
-      batch.push(this.encodeTable(idx, t));
-      l1.writeUInt32BE((Math.floor(host / 2 ** 32) | 0x80000000) >>> 0, idx * 8);
-      l1.writeUInt32BE(host % 2 ** 32, idx * 8 + 4);
-      if (batch.length * cs >= 8 * 1024 * 1024) await flushBatch();
+    const indices = L.preallocate
+      ? Array.from({ length: L.l1Size }, (_, i) => i)
+      : [...this.tables.keys()].filter((idx) => hasEntries(this.tables.get(idx)!.kind)).sort((a, b) => a - b);
+    const perBatch = Math.max(1, Math.floor((8 * 1024 * 1024) / cs));
+    for (let first = 0; first < indices.length; first += perBatch) {
+      const group = indices.slice(first, first + perBatch);
+      const batch = Buffer.alloc(group.length * cs);
+      const batchStart = this.tail;
+      for (let k = 0; k < group.length; k++) {
+        const idx = group[k]!;
+        const host = this.allocCluster();
+        this.encodeTable(idx, this.tables.get(idx), batch.subarray(k * cs, (k + 1) * cs));
+        l1.writeUInt32BE((Math.floor(host / 2 ** 32) | 0x80000000) >>> 0, idx * 8);
+        l1.writeUInt32BE(host % 2 ** 32, idx * 8 + 4);
+      }
+      await this.sink.write(batch, batchStart);
     }
-    await flushBatch();
     // L1 table.
     const l1Offset = l1.length > 0 ? this.tail : 0;
     for (let i = 0; i < l1.length / cs; i++) this.allocCluster();
