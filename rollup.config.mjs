@@ -8,12 +8,13 @@ const outDir = resolve('dist/cli');
 // Chunk names carry their content's hash: clear the last build's, and their code cache, first.
 rmSync(outDir, { recursive: true, force: true });
 
-/** Each module keeps the URL of its own file in dist/src, so what it finds from there (the native helper, the compression worker, npm packages) is found as before. */
+/** Each module keeps the URL (and folder) of its own file in dist/src, so what it finds from there (the native helper, the compression worker, npm packages) is found as before. */
 const moduleUrls = {
   name: 'module-urls',
   resolveImportMeta(property, { chunkId, moduleId }) {
-    if (property !== 'url') return null;
     const fromChunk = relative(dirname(resolve(outDir, chunkId)), moduleId);
+    if (property === 'dirname') return `require('node:path').join(__dirname, ${JSON.stringify(dirname(fromChunk))})`;
+    if (property !== 'url') return null;
     return `require('node:url').pathToFileURL(require('node:path').join(__dirname, ${JSON.stringify(fromChunk)})).href`;
   },
 };

@@ -1,7 +1,8 @@
 import { closeSync, openSync, readSync } from 'node:fs';
 import { createRequire } from 'node:module';
 
-const require = createRequire(import.meta.url);
+/** Made on first use: createRequire parses import.meta.url, whose URL code Node compiles then. */
+let require: NodeJS.Require | undefined;
 let crypto: typeof import('node:crypto') | undefined;
 let zlib: typeof import('node:zlib') | undefined;
 
@@ -10,12 +11,14 @@ let zlib: typeof import('node:zlib') | undefined;
  * (a convert to qcow2 or raw) never need a random id or a digest.
  */
 export function nodeCrypto(): typeof import('node:crypto') {
+  require ??= createRequire(import.meta.url);
   crypto ??= require('node:crypto') as typeof import('node:crypto');
   return crypto;
 }
 
 /** node:zlib, loaded on first use (only compressed output needs it on the main thread). */
 export function nodeZlib(): typeof import('node:zlib') {
+  require ??= createRequire(import.meta.url);
   zlib ??= require('node:zlib') as typeof import('node:zlib');
   return zlib;
 }
