@@ -291,9 +291,9 @@ export class VpcWriter implements DiskWriter {
     const last = this.order.at(-1);
     if (last && last[0] + last[1] === block) last[1]++;
     else this.order.push([block, 1]);
-    // Dynamic disks: every sector of an allocated block is present (as qemu writes them).
+    // Dynamic disks: every sector of an allocated block is present (as qemu writes them); their
+    // bitmaps are written at finish.
     if (this.plan.diskType === DISK_DIFFERENCING) this.bitmaps.set(block, Buffer.alloc(this.bitmapBytes));
-    else await this.sink.write(this.fullBitmap, sector * SECTOR);
   }
 
   /**
@@ -447,9 +447,18 @@ export class VpcWriter implements DiskWriter {
   }
 
   private async writeMetadata(footer: Buffer): Promise<void> {
-    // Differencing disks: the sectors this image holds (dynamic disks wrote theirs on allocation).
-    for (const [block, bm] of this.bitmaps) {
-      await this.sink.write(bm === FULL ? this.fullBitmap : bm, this.bat[block]! * SECTOR);
+    // The sectors each block holds. A dynamic disk's are all ones, written here rather than as
+    // its blocks are allocated: a small write into the file the copies are writing waits for
+    // their hold on it, and the copy stalled (os raw -> vpc: 105 bitmaps, 19 to 26 ms of the
+    // main thread's time, up to 3 ms for one).
+    if (this.plan.diskType === DISK_DIFFERENCING) {
+      for (const [block, bm] of this.bitmaps) {
+        await this.sink.write(bm === FULL ? this.fullBitmap : bm, this.bat[block]! * SECTOR);
+      }
+    } else {
+      for (const [first, count] of this.order) {
+        for (let b = first; b < first + count; b++) await this.sink.write(this.fullBitmap, this.bat[b]! * SECTOR);
+      }
     }
     // Unused entries are all ones, as the fill leaves them: only allocated blocks are encoded
     // (a terabyte's table has half a million entries).
