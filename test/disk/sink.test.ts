@@ -73,6 +73,17 @@ test('temp files of a killed process are removed by the next run; live ones are 
   assert.deepEqual(readdirSync(dir), [live]);
 });
 
+test('an output removes the temp files that killed runs left in its folder before it is committed', async () => {
+  const dir = tmpDir();
+  const child = spawn(process.execPath, ['-e', '0']);
+  await new Promise((r) => child.on('exit', r));
+  writeFileSync(join(dir, `.other.img.vmferry-tmp-${child.pid}-abcd1234`), 'x');
+  const sink = new AtomicFileSink(join(dir, 'out.img'));
+  await sink.write(Buffer.from('data'), 0);
+  await sink.commit();
+  assert.deepEqual(readdirSync(dir), ['out.img']);
+});
+
 test('untouchedFrom is the furthest write, cut back by setLength, and the file reads as zeros from there', async () => {
   const dir = tmpDir();
   const sink = new AtomicFileSink(join(dir, 'reach.img'));
