@@ -19,11 +19,25 @@ const moduleUrls = {
   },
 };
 
+/**
+ * In the bundle, a module's createRequire(import.meta.url) is the chunk's own require, which finds
+ * the same packages from dist/cli; node:module itself is then never loaded (its ES module loader
+ * and source maps come with it: 0.7 ms of every start).
+ */
+const chunkRequire = {
+  name: 'chunk-require',
+  transform(code) {
+    return code.includes('createRequire(import.meta.url)') ? code.replaceAll('createRequire(import.meta.url)', 'require') : null;
+  },
+};
+
 export default {
   input: { main: 'dist/src/cli/main.js', startup: 'dist/src/cli/startup.js', 'code-cache': 'dist/src/cli/code-cache.js' },
   // Node's built-in modules and the npm dependencies stay require() calls.
   external: (id) => !id.startsWith('.') && !id.startsWith('/'),
-  plugins: [moduleUrls],
+  plugins: [chunkRequire, moduleUrls],
+  // node:module is imported for createRequire only, which chunkRequire takes out.
+  treeshake: { moduleSideEffects: (id, external) => !(external && id === 'node:module') },
   output: {
     // What bin/vmferry loads before the code cache is in place, in one chunk: Node compiles it
     // uncached, and each file it requires costs about 0.25 ms more (a 1 MiB convert: 0.056 s, 0.054 s

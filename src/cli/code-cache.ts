@@ -10,7 +10,6 @@
  * without the helper, and in an install folder the user cannot write to, the CLI runs uncached.
  */
 import { mkdirSync, readFileSync, realpathSync, renameSync, statSync, writeFileSync } from 'node:fs';
-import Module from 'node:module';
 import { basename, dirname, join } from 'node:path';
 import { Script } from 'node:vm';
 import { nativeHelper } from '../disk/native.js';
@@ -28,6 +27,7 @@ interface ModuleClass {
   new (id: string, parent: LoadedModule): LoadedModule;
   _cache: Record<string, LoadedModule | undefined>;
   prototype: { _compile: Compile };
+  wrap(script: string): string;
 }
 type Compile = (this: LoadedModule, content: string, filename: string) => unknown;
 type Wrapper = (
@@ -75,18 +75,21 @@ export function writeCacheFile(path: string, data: Buffer, chunkSize: number, ch
 }
 
 /**
- * Compiles the CommonJS files of `bundlePath` with the code cache from then on. At exit, the cache is
+ * Compiles the CommonJS files of `bundlePath` with the code cache from then on. `moduleClass` is the
+ * class of Node's CommonJS modules (`module.constructor` in a CommonJS caller): taken from the
+ * caller rather than imported from node:module, whose loading (its ES module loader and source maps
+ * with it) took 0.7 ms of every start. At exit, the cache is
  * written for every chunk that had none (or a stale one), after the run, so that it holds the
  * functions the run compiled, not only the top level. V8 refuses a cache made under other flags than
  * its own: nothing is written once `flagsUnchanged` says the run's V8 flags changed (a cache made
  * after setting them back and forth was refused too).
  */
-export function useCodeCache(bundlePath: string, flagsUnchanged: () => boolean = () => true): void {
+export function useCodeCache(bundlePath: string, moduleClass: unknown, flagsUnchanged: () => boolean = () => true): void {
   if (!nativeHelper()) return;
   // Node names a module by its real path: so must the checks below, and the chunk cache.
   const bundleDir = realpathSync(bundlePath);
   const cacheDir = join(bundleDir, '.v8-cache');
-  const NodeModule = Module as unknown as ModuleClass;
+  const NodeModule = moduleClass as ModuleClass;
   const proto = NodeModule.prototype;
   const compile = proto._compile;
   const uncached: { script: Script; path: string; size: number; mtimeMs: number }[] = [];
@@ -120,7 +123,7 @@ export function useCodeCache(bundlePath: string, flagsUnchanged: () => boolean =
     const { size, mtimeMs } = statSync(filename);
     const path = join(cacheDir, `${basename(filename)}.v8`);
     const cachedData = readCacheFile(path, size, mtimeMs);
-    const script = new Script(Module.wrap(content), { filename, cachedData });
+    const script = new Script(NodeModule.wrap(content), { filename, cachedData });
     if (cachedData === undefined || script.cachedDataRejected) uncached.push({ script, path, size, mtimeMs });
     const wrapper = script.runInThisContext() as Wrapper;
     return wrapper.call(this.exports, this.exports, (id) => requireFrom(this, id), this, filename, bundleDir);

@@ -31,11 +31,15 @@ function loadBuiltinsFirst(): void {
   if (typeof util.parseArgs !== 'function') throw new Error('this Node has no util.parseArgs (Node 20 is needed)');
 }
 
-/** Without the native helper there is neither: V8's flags are out of N-API's reach, and the cache's checksum uses it. */
-export function prepareCli(bundleDir: string): void {
+/**
+ * Without the native helper there is neither: V8's flags are out of N-API's reach, and the cache's
+ * checksum uses it. `moduleClass`: the class of Node's CommonJS modules (bin/vmferry passes its
+ * `module.constructor`; see useCodeCache).
+ */
+export function prepareCli(bundleDir: string, moduleClass: unknown): void {
   loadBuiltinsFirst();
   if (!setV8FlagsUntilWorkers(JIT_FLAGS, DEFAULT_FLAGS)) return;
-  useCodeCache(bundleDir, () => !v8FlagsRestored());
+  useCodeCache(bundleDir, moduleClass, () => !v8FlagsRestored());
 }
 
 /**

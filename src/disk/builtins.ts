@@ -2,7 +2,7 @@ import { closeSync, openSync, readSync } from 'node:fs';
 import { createRequire } from 'node:module';
 
 /** Made on first use: createRequire parses import.meta.url, whose URL code Node compiles then. */
-let require: NodeJS.Require | undefined;
+let requireHere: NodeJS.Require | undefined;
 let crypto: typeof import('node:crypto') | undefined;
 let zlib: typeof import('node:zlib') | undefined;
 
@@ -11,15 +11,15 @@ let zlib: typeof import('node:zlib') | undefined;
  * (a convert to qcow2 or raw) never need a random id or a digest.
  */
 export function nodeCrypto(): typeof import('node:crypto') {
-  require ??= createRequire(import.meta.url);
-  crypto ??= require('node:crypto') as typeof import('node:crypto');
+  requireHere ??= createRequire(import.meta.url);
+  crypto ??= requireHere('node:crypto') as typeof import('node:crypto');
   return crypto;
 }
 
 /** node:zlib, loaded on first use (only compressed output needs it on the main thread). */
 export function nodeZlib(): typeof import('node:zlib') {
-  require ??= createRequire(import.meta.url);
-  zlib ??= require('node:zlib') as typeof import('node:zlib');
+  requireHere ??= createRequire(import.meta.url);
+  zlib ??= requireHere('node:zlib') as typeof import('node:zlib');
   return zlib;
 }
 

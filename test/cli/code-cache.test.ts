@@ -21,7 +21,7 @@ function smallBundle(): { dir: string; launcher: string } {
   const launcher = join(dir, 'launch.cjs');
   writeFileSync(
     launcher,
-    `require(${JSON.stringify(join(repoRoot, 'dist/cli/code-cache.cjs'))}).useCodeCache(${JSON.stringify(bundle)});\n` +
+    `require(${JSON.stringify(join(repoRoot, 'dist/cli/code-cache.cjs'))}).useCodeCache(${JSON.stringify(bundle)}, module.constructor);\n` +
       `process.stdout.write(require(${JSON.stringify(join(bundle, 'main.cjs'))}).say());\n`,
   );
   return { dir, launcher };
@@ -111,7 +111,7 @@ function siblingBundle(files: Record<string, string>, launch: string): { dir: st
   writeFileSync(
     launcher,
     `const bundle = process.argv[2] ?? ${JSON.stringify(bundle)};\n` +
-      `require(${JSON.stringify(join(repoRoot, 'dist/cli/code-cache.cjs'))}).useCodeCache(bundle);\n` +
+      `require(${JSON.stringify(join(repoRoot, 'dist/cli/code-cache.cjs'))}).useCodeCache(bundle, module.constructor);\n` +
       launch,
   );
   return { dir, launcher };
