@@ -33,11 +33,13 @@ export interface ConvertResult extends CopyStats {
   seconds: number;
 }
 
+/** Whether two names are one file. A name that does not exist (a new output) answers without an exception. */
 function sameFile(a: string, b: string): boolean {
   try {
-    const sa = statSync(a);
-    const sb = statSync(b);
-    return sa.dev === sb.dev && sa.ino === sb.ino;
+    const sa = statSync(a, { throwIfNoEntry: false });
+    if (!sa) return false;
+    const sb = statSync(b, { throwIfNoEntry: false });
+    return sb !== undefined && sa.dev === sb.dev && sa.ino === sb.ino;
   } catch {
     return false;
   }
