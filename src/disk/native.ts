@@ -55,6 +55,8 @@ export interface NativeHelper {
   setV8Flags(flags: string): void;
   /** Ends the process with `code` at once, without Node's teardown (_exit). */
   exitNow(code: number): never;
+  /** The V8 data of a code cache file (cli/code-cache.ts), or null when missing, damaged or for another version of the chunk. */
+  readCodeCache(path: string, chunkSize: number, chunkMtimeMs: number): Buffer | null;
   /** The Adler-32 (RFC 1950) of the bytes. */
   adler32(data: Buffer): number;
   /** compress-worker.ts's looksIncompressible in C. */
