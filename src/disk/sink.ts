@@ -150,7 +150,8 @@ function writeAllSync(fd: number, buf: Buffer, pos: number): void {
 /** Unlinks `path` when it is a regular file itself (lstat: a symbolic link is left to the rename). */
 function removeRegularFile(path: string): void {
   try {
-    if (lstatSync(path).isFile()) unlinkSync(path);
+    // A new output's name does not exist yet: no exception for that, the usual case.
+    if (lstatSync(path, { throwIfNoEntry: false })?.isFile()) unlinkSync(path);
   } catch {
     // Not there, or not removable: the rename then replaces it or reports why not.
   }
