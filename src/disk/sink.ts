@@ -566,7 +566,7 @@ export function openSink(name: string): ByteSink {
   if (name === '-') return new PipeSink('(stdout)', 1);
   let st: ReturnType<typeof statSync> | undefined;
   try {
-    st = statSync(name);
+    st = statSync(name, { throwIfNoEntry: false });
   } catch {
     st = undefined;
   }
