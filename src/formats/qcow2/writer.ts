@@ -728,8 +728,9 @@ export class Qcow2Writer implements DiskWriter {
   private encodeTable(l1Index: number, t: L2Build | undefined, out: Buffer): void {
     const { l2Entries, extL2, clusterBits } = this.layout;
     const es = extL2 ? 16 : 8;
+    const view = new DataView(out.buffer, out.byteOffset, out.length);
     if (t && !extL2 && !this.layout.preallocate) {
-      encodePlainTable(t, out, clusterBits);
+      encodePlainTable(t, view, out, clusterBits);
       return;
     }
     for (let i = 0; i < l2Entries; i++) {
@@ -746,8 +747,7 @@ export class Qcow2Writer implements DiskWriter {
         host = t!.host[i]!;
       }
       if (kind === KIND_DATA) {
-        out.writeUInt32BE((Math.floor(host / 2 ** 32) | 0x80000000) >>> 0, p);
-        out.writeUInt32BE(host % 2 ** 32, p + 4);
+        setCopiedEntry(view, p, host);
       } else if (kind === KIND_COMPRESSED) {
         out.writeBigUInt64BE(encodeCompressedEntry(host, t!.csize[i]!, clusterBits), p);
       } else if (kind === KIND_ZERO && !extL2) {
@@ -786,6 +786,7 @@ export class Qcow2Writer implements DiskWriter {
     // L2 tables, encoded straight into batches of up to 8 MiB, one write each (a buffer per table,
     // then concatenated, copied each table once more).
     const l1 = Buffer.alloc(Math.ceil((L.l1Size * 8) / cs) * cs);
+    const l1View = new DataView(l1.buffer, l1.byteOffset, l1.length);
     const indices = L.preallocate
       ? Array.from({ length: L.l1Size }, (_, i) => i)
       : [...this.tables.keys()].filter((idx) => hasEntries(this.tables.get(idx)!.kind)).sort((a, b) => a - b);
@@ -798,8 +799,7 @@ export class Qcow2Writer implements DiskWriter {
         const idx = group[k]!;
         const host = this.allocCluster();
         this.encodeTable(idx, this.tables.get(idx), batch.subarray(k * cs, (k + 1) * cs));
-        l1.writeUInt32BE((Math.floor(host / 2 ** 32) | 0x80000000) >>> 0, idx * 8);
-        l1.writeUInt32BE(host % 2 ** 32, idx * 8 + 4);
+        setCopiedEntry(l1View, idx * 8, host);
       }
       await this.sink.write(batch, batchStart);
     }
@@ -956,21 +956,24 @@ function foundBefore(kind: Uint8Array, value: number, from: number, to: number):
  * all 8,192 entries of each table was hot enough to be compiled, 10 ms of a core on the os disk).
  * A function of its own, as small as it can be: on a dense disk it is hot anyway.
  */
-function encodePlainTable(t: L2Build, out: Buffer, clusterBits: number): void {
-  const view = new DataView(out.buffer, out.byteOffset, out.length);
+function encodePlainTable(t: L2Build, view: DataView, out: Buffer, clusterBits: number): void {
   const { kind, host } = t;
-  // setUint32 takes the int32 bit patterns as they are, and the high word is computed only past
-  // 4 GiB: `>>> 0`, `% 2 ** 32` and the division made numbers that V8 boxes (237 KB of garbage on
-  // the os disk's 2,900 entries).
-  for (let i = kind.indexOf(KIND_DATA); i !== -1; i = kind.indexOf(KIND_DATA, i + 1)) {
-    const h = host[i]!;
-    view.setUint32(i * 8, h < 2 ** 32 ? 0x80000000 | 0 : Math.floor(h / 2 ** 32) | 0x80000000);
-    view.setUint32(i * 8 + 4, h | 0);
-  }
+  for (let i = kind.indexOf(KIND_DATA); i !== -1; i = kind.indexOf(KIND_DATA, i + 1)) setCopiedEntry(view, i * 8, host[i]!);
   for (let i = kind.indexOf(KIND_COMPRESSED); i !== -1; i = kind.indexOf(KIND_COMPRESSED, i + 1)) {
     out.writeBigUInt64BE(encodeCompressedEntry(host[i]!, t.csize[i]!, clusterBits), i * 8);
   }
   for (let i = kind.indexOf(KIND_ZERO); i !== -1; i = kind.indexOf(KIND_ZERO, i + 1)) view.setUint32(i * 8 + 4, 1);
+}
+
+/**
+ * An L1 or L2 entry at `at`: host offset `host`, flagged COPIED (its cluster's refcount is 1).
+ * setUint32 takes the int32 bit patterns as they are, and the high word is computed only past
+ * 4 GiB: `>>> 0`, `% 2 ** 32` and the division made numbers that V8 boxes (237 KB of garbage on
+ * the os disk's 2,900 entries).
+ */
+function setCopiedEntry(view: DataView, at: number, host: number): void {
+  view.setUint32(at, host < 2 ** 32 ? 0x80000000 | 0 : Math.floor(host / 2 ** 32) | 0x80000000);
+  view.setUint32(at + 4, host | 0);
 }
 
 /** How many entries from `i` on (at most `max`) are unallocated. */
