@@ -6,20 +6,23 @@ let requireHere: NodeJS.Require | undefined;
 let crypto: typeof import('node:crypto') | undefined;
 let zlib: typeof import('node:zlib') | undefined;
 
+function requireBuiltin<T>(name: string): T {
+  requireHere ??= createRequire(import.meta.url);
+  return requireHere(name) as T;
+}
+
 /**
  * node:crypto, loaded on first use: its import costs about 8 ms of every start-up, and most runs
  * (a convert to qcow2 or raw) never need a random id or a digest.
  */
 export function nodeCrypto(): typeof import('node:crypto') {
-  requireHere ??= createRequire(import.meta.url);
-  crypto ??= requireHere('node:crypto') as typeof import('node:crypto');
+  crypto ??= requireBuiltin<typeof import('node:crypto')>('node:crypto');
   return crypto;
 }
 
 /** node:zlib, loaded on first use (only compressed output needs it on the main thread). */
 export function nodeZlib(): typeof import('node:zlib') {
-  requireHere ??= createRequire(import.meta.url);
-  zlib ??= requireHere('node:zlib') as typeof import('node:zlib');
+  zlib ??= requireBuiltin<typeof import('node:zlib')>('node:zlib');
   return zlib;
 }
 
