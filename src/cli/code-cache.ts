@@ -71,13 +71,28 @@ export function writeCacheFile(path: string, data: Buffer, chunkSize: number, ch
   renameSync(temp, path);
 }
 
+/** Set by describeRun. */
+let runKind: string | undefined;
+
+/**
+ * Names what this run does (a command and its options, not its file names). The cache of a chunk is
+ * otherwise written by the first run that loads it, with the functions that run compiled: once
+ * `vmferry --help` or a test had made it, every convert compiled the rest of its code again (os raw
+ * -> qcow2: 2.5 ms of 0.073 s). A run of a kind not seen before rewrites the caches of the chunks it
+ * loaded, once; a file in .v8-cache/runs marks the kinds seen.
+ */
+export function describeRun(kind: string): void {
+  runKind = kind;
+}
+
 /**
  * Compiles the CommonJS files of `bundlePath` with the code cache from then on. `moduleClass` is the
  * class of Node's CommonJS modules (`module.constructor` in a CommonJS caller): taken from the
  * caller rather than imported from node:module, whose loading (its ES module loader and source maps
  * with it) took 0.7 ms of every start. At exit, the cache is
  * written for every chunk that had none (or a stale one), after the run, so that it holds the
- * functions the run compiled, not only the top level. V8 refuses a cache made under other flags than
+ * functions the run compiled, not only the top level; and for every chunk the run loaded when it is
+ * of a kind not seen before (describeRun). V8 refuses a cache made under other flags than
  * its own: nothing is written once `flagsUnchanged` says the run's V8 flags changed (a cache made
  * after setting them back and forth was refused too).
  */
@@ -89,7 +104,7 @@ export function useCodeCache(bundlePath: string, moduleClass: unknown, flagsUnch
   const NodeModule = moduleClass as ModuleClass;
   const proto = NodeModule.prototype;
   const compile = proto._compile;
-  const uncached: { script: Script; path: string; size: number; mtimeMs: number }[] = [];
+  const loaded: { script: Script; path: string; size: number; mtimeMs: number; cached: boolean }[] = [];
   // A chunk requiring a sibling ('./name.cjs', as rollup writes it) gets it straight from its file.
   // Node's require would first resolve the name, find its real path and look up the package scope:
   // about 0.25 ms a chunk, when a convert loaded 14 (a 1 MiB convert: 67.5 ms, 63.2 ms with this
@@ -121,18 +136,27 @@ export function useCodeCache(bundlePath: string, moduleClass: unknown, flagsUnch
     const path = join(cacheDir, `${basename(filename)}.v8`);
     const cachedData = readCacheFile(path, size, mtimeMs);
     const script = new Script(NodeModule.wrap(content), { filename, cachedData });
-    if (cachedData === undefined || script.cachedDataRejected) uncached.push({ script, path, size, mtimeMs });
+    loaded.push({ script, path, size, mtimeMs, cached: cachedData !== undefined && !script.cachedDataRejected });
     const wrapper = script.runInThisContext() as Wrapper;
     return wrapper.call(this.exports, this.exports, (id) => requireFrom(this, id), this, filename, bundleDir);
   };
   process.once('exit', () => {
     if (!flagsUnchanged()) return;
-    for (const { script, path, size, mtimeMs } of uncached) {
-      try {
-        writeCacheFile(path, script.createCachedData(), size, mtimeMs);
-      } catch {
-        return; // a read-only install: run without a cache
+    // A kind of run not seen before renews every chunk it loaded: V8's data then holds what this run
+    // compiled as well as what the cache held.
+    const kind = runKind === undefined ? undefined : `${runKind}\n${loaded.map((c) => basename(c.path)).join(' ')}`;
+    const marker = kind === undefined ? undefined : join(cacheDir, 'runs', (checksum(Buffer.from(kind)) >>> 0).toString(16));
+    const renew = marker !== undefined && statSync(marker, { throwIfNoEntry: false }) === undefined;
+    try {
+      for (const { script, path, size, mtimeMs, cached } of loaded) {
+        if (!cached || renew) writeCacheFile(path, script.createCachedData(), size, mtimeMs);
       }
+      if (renew) {
+        mkdirSync(dirname(marker), { recursive: true });
+        writeFileSync(marker, kind!);
+      }
+    } catch {
+      // a read-only install: run without a cache
     }
   });
 }

@@ -1,5 +1,6 @@
 import { appendFileSync } from 'node:fs';
 import { abortAllTempsSync } from '../disk/sink.js';
+import { describeRun } from './code-cache.js';
 import { errorLine, stdout } from './common.js';
 
 type Command = (args: string[]) => Promise<number>;
@@ -88,6 +89,16 @@ function writeRunStats(): void {
   appendFileSync(file, `${JSON.stringify(line)}\n`);
 }
 
+/**
+ * What a run does, for the code cache: the command, its flags and its -o option lists (what is
+ * written, not where); the names of the files it reads and writes are left out.
+ */
+function runKind(name: string, args: string[]): string {
+  const kind = [name];
+  for (const [i, arg] of args.entries()) if (arg.startsWith('-') || args[i - 1] === '-o') kind.push(arg);
+  return kind.join(' ');
+}
+
 /** Runs one command; returns the exit code. Errors become one line on stderr. */
 export async function main(argv: string[]): Promise<number> {
   const [name, ...args] = argv;
@@ -123,6 +134,7 @@ export async function main(argv: string[]): Promise<number> {
   };
   process.once('SIGINT', onSignal);
   process.once('SIGTERM', onSignal);
+  describeRun(runKind(name, args));
   const debug = args.includes('--debug');
   try {
     return await loaded.run(args);

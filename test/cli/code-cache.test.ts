@@ -4,7 +4,7 @@
  * the code that ran is the code on disk.
  */
 import assert from 'node:assert/strict';
-import { existsSync, mkdirSync, readFileSync, symlinkSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, readFileSync, statSync, symlinkSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import { readCacheFile, writeCacheFile } from '../../src/cli/code-cache.js';
@@ -28,8 +28,8 @@ function smallBundle(): { dir: string; launcher: string } {
 }
 
 /** Runs the launcher under strace: its output, and the cache files it read and wrote. */
-function launch(dir: string, launcher: string): { output: string; read: string[]; written: string[] } {
-  const { stdout, calls: lines } = underStrace(dir, 'openat,rename', [launcher]);
+function launch(dir: string, launcher: string, args: string[] = []): { output: string; read: string[]; written: string[] } {
+  const { stdout, calls: lines } = underStrace(dir, 'openat,rename', [launcher, ...args]);
   const name = (l: string) => /\.v8-cache\/([^".]+\.cjs)\.v8/.exec(l)?.[1];
   return {
     output: stdout,
@@ -47,6 +47,42 @@ test('the first run writes a cache for each chunk; the next reads them and write
   assert.equal(second.output, 'main+one');
   assert.deepEqual(second.read.sort(), ['main.cjs', 'part.cjs']);
   assert.deepEqual(second.written, [], 'V8 rejected a cache it had written, or it was not read');
+});
+
+test('a run of a kind not seen before renews the caches of the chunks it loaded, with what it compiled', () => {
+  // Each kind of run calls a function of its own: the cache the first run wrote does not hold the other's.
+  const dir = tmpDir('vmferry-codecache-');
+  const bundle = join(dir, 'bundle');
+  writeFileSync(join(dir, 'package.json'), '{ "type": "commonjs" }');
+  mkdirSync(bundle);
+  writeFileSync(
+    join(bundle, 'main.cjs'),
+    'exports.sum = () => [1, 2, 3].reduce((a, b) => a + b, 0);\n' +
+      "exports.keys = () => Object.keys({ a: 1, b: 2, c: 3 }).map((k) => k.toUpperCase()).join('');\n",
+  );
+  const launcher = join(dir, 'launch.cjs');
+  writeFileSync(
+    launcher,
+    `const cache = require(${JSON.stringify(join(repoRoot, 'dist/cli/code-cache.cjs'))});\n` +
+      `cache.useCodeCache(${JSON.stringify(bundle)}, module.constructor);\n` +
+      'cache.describeRun(process.argv[2]);\n' +
+      `process.stdout.write(String(require(${JSON.stringify(join(bundle, 'main.cjs'))})[process.argv[2]]()));\n`,
+  );
+  const cacheFile = join(bundle, '.v8-cache/main.cjs.v8');
+  const first = launch(dir, launcher, ['sum']);
+  assert.equal(first.output, '6');
+  assert.deepEqual(first.written, ['main.cjs']);
+  const before = statSync(cacheFile).size;
+  const other = launch(dir, launcher, ['keys']);
+  assert.equal(other.output, 'ABC');
+  assert.deepEqual(other.read, ['main.cjs']);
+  assert.deepEqual(other.written, ['main.cjs'], 'a new kind of run did not renew the cache');
+  assert.ok(statSync(cacheFile).size > before, 'the renewed cache holds no more than the first');
+  for (const kind of ['keys', 'sum']) {
+    const again = launch(dir, launcher, [kind]);
+    assert.deepEqual(again.read, ['main.cjs']);
+    assert.deepEqual(again.written, [], `a kind seen before (${kind}) rewrote the cache`);
+  }
 });
 
 test('a chunk edited to the same length runs as edited, and its cache is renewed', () => {
