@@ -404,6 +404,78 @@ static napi_value copy_range(napi_env env, napi_callback_info info) {
   return queue_job(env, "vmferry:copyRange", copy_execute, copy_complete, job, &job->deferred, &job->work);
 }
 
+// writeAt(fd, buffer, position, preallocate) -> Promise<[written, errno]>: writes the whole buffer
+// on the libuv thread pool, at most WRITE_STEP bytes a call, until it is written or a write fails
+// (errno; the caller writes the rest the ordinary way, which reports the error). A buffered write
+// takes page-cache folios as large as itself, and large ones were slow to get on this project's
+// VMs (which hand free 2 MiB blocks back to the hypervisor, page_reporting_order 9): 1 GiB written
+// 256 KiB at a time took 0.17 to 0.24 s, 1 MiB at a time 0.28 to 1.0 s, 2 MiB at a time 1.1 to
+// 2.1 s. preallocate: allocate the blocks first (see preallocate), here rather than on the
+// caller's thread.
+#define WRITE_STEP (256 * 1024)
+typedef struct {
+  napi_async_work work;
+  napi_deferred deferred;
+  napi_ref keep; // the buffer, alive until the job completes
+  const uint8_t *data;
+  int fd;
+  int64_t length, position, written;
+  bool preallocate;
+  int err;
+} write_job;
+
+static void write_execute(napi_env env, void *data) {
+  (void)env;
+  write_job *job = data;
+  if (job->preallocate) preallocate(job->fd, job->position, job->length);
+  while (job->written < job->length) {
+    int64_t want = job->length - job->written;
+    if (want > WRITE_STEP) want = WRITE_STEP;
+    ssize_t n = pwrite(job->fd, job->data + job->written, (size_t)want, job->position + job->written);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) {
+      job->err = n < 0 ? errno : EIO;
+      return;
+    }
+    job->written += n;
+  }
+}
+
+static void write_complete(napi_env env, napi_status status, void *data) {
+  write_job *job = data;
+  napi_value result, written, err;
+  napi_create_array_with_length(env, 2, &result);
+  napi_create_int64(env, job->written, &written);
+  napi_create_int32(env, status == napi_ok ? job->err : ECANCELED, &err);
+  napi_set_element(env, result, 0, written);
+  napi_set_element(env, result, 1, err);
+  napi_delete_reference(env, job->keep);
+  finish_job(env, job->deferred, job->work, result);
+  free(job);
+}
+
+static napi_value write_at(napi_env env, napi_callback_info info) {
+  size_t argc = 4;
+  napi_value argv[4];
+  void *raw = NULL;
+  size_t length = 0;
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  write_job *job = calloc(1, sizeof *job);
+  if (!job) return throw_errno(env, "calloc");
+  if (argc < 4 || napi_get_value_int32(env, argv[0], &job->fd) != napi_ok ||
+      napi_get_buffer_info(env, argv[1], &raw, &length) != napi_ok ||
+      napi_get_value_int64(env, argv[2], &job->position) != napi_ok ||
+      napi_get_value_bool(env, argv[3], &job->preallocate) != napi_ok || job->position < 0) {
+    free(job);
+    napi_throw_type_error(env, NULL, "writeAt(fd, buffer, position, preallocate)");
+    return NULL;
+  }
+  job->data = raw;
+  job->length = (int64_t)length;
+  napi_create_reference(env, argv[1], 1, &job->keep);
+  return queue_job(env, "vmferry:writeAt", write_execute, write_complete, job, &job->deferred, &job->work);
+}
+
 // The bytes of the one Buffer argument; false (a TypeError thrown) when there is none.
 static int buffer_argument(napi_env env, napi_callback_info info, const char *usage, const uint8_t **data, size_t *n) {
   size_t argc = 1;
@@ -800,6 +872,7 @@ static napi_value init(napi_env env, napi_value exports) {
       {"mapWindow", NULL, map_window, NULL, NULL, NULL, napi_default, NULL},
       {"mapFile", NULL, map_file, NULL, NULL, NULL, napi_default, NULL},
       {"copyRange", NULL, copy_range, NULL, NULL, NULL, napi_default, NULL},
+      {"writeAt", NULL, write_at, NULL, NULL, NULL, napi_default, NULL},
       {"offloadsCopies", NULL, offloads_copies_js, NULL, NULL, NULL, napi_default, NULL},
       {"preallocate", NULL, preallocate_range, NULL, NULL, NULL, napi_default, NULL},
       {"looksIncompressible", NULL, looks_incompressible, NULL, NULL, NULL, napi_default, NULL},

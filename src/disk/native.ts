@@ -34,6 +34,12 @@ export interface NativeHelper {
     length: number,
     viaKernel: boolean,
   ): Promise<[number, number]>;
+  /**
+   * Writes the whole buffer at `position` on the thread pool, 256 KiB a write(2) (see sink.ts,
+   * WRITE_STEP): [bytes written, errno]. The caller writes what is left itself.
+   * preallocate: the range's whole blocks are allocated first, as preallocate does.
+   */
+  writeAt(fd: number, buffer: Buffer, position: number, preallocate: boolean): Promise<[number, number]>;
   /** Whether copy_file_range into this file can share blocks or copy on a server (btrfs, xfs, nfs...), where copyRange should use it. */
   offloadsCopies(fd: number): boolean;
   /**
