@@ -261,6 +261,18 @@ static void finish_job(napi_env env, napi_deferred deferred, napi_async_work wor
   napi_delete_async_work(env, work);
 }
 
+// Resolves a copy's or a write's promise with [bytes done, errno] (ECANCELED when it never ran).
+static void finish_count_job(napi_env env, napi_status status, napi_deferred deferred, napi_async_work work,
+                             int64_t done, int err) {
+  napi_value result, count, code;
+  napi_create_array_with_length(env, 2, &result);
+  napi_create_int64(env, done, &count);
+  napi_create_int32(env, status == napi_ok ? err : ECANCELED, &code);
+  napi_set_element(env, result, 0, count);
+  napi_set_element(env, result, 1, code);
+  finish_job(env, deferred, work, result);
+}
+
 // copyRange(srcFd, srcPos, dstFd, dstPos, length, viaKernel) -> Promise<[copied, errno]>: copies
 // on the libuv thread pool until `length` bytes are copied or the copy stops (errno, or 0 at the
 // source's end); the caller writes whatever is left the ordinary way. viaKernel: copy_file_range
@@ -374,13 +386,7 @@ static void copy_execute(napi_env env, void *data) {
 
 static void copy_complete(napi_env env, napi_status status, void *data) {
   copy_job *job = data;
-  napi_value result, copied, err;
-  napi_create_array_with_length(env, 2, &result);
-  napi_create_int64(env, job->copied, &copied);
-  napi_create_int32(env, status == napi_ok ? job->err : ECANCELED, &err);
-  napi_set_element(env, result, 0, copied);
-  napi_set_element(env, result, 1, err);
-  finish_job(env, job->deferred, job->work, result);
+  finish_count_job(env, status, job->deferred, job->work, job->copied, job->err);
   free(job);
 }
 
@@ -443,14 +449,8 @@ static void write_execute(napi_env env, void *data) {
 
 static void write_complete(napi_env env, napi_status status, void *data) {
   write_job *job = data;
-  napi_value result, written, err;
-  napi_create_array_with_length(env, 2, &result);
-  napi_create_int64(env, job->written, &written);
-  napi_create_int32(env, status == napi_ok ? job->err : ECANCELED, &err);
-  napi_set_element(env, result, 0, written);
-  napi_set_element(env, result, 1, err);
   napi_delete_reference(env, job->keep);
-  finish_job(env, job->deferred, job->work, result);
+  finish_count_job(env, status, job->deferred, job->work, job->written, job->err);
   free(job);
 }
 
