@@ -414,7 +414,7 @@ static napi_value copy_range(napi_env env, napi_callback_info info) {
 // on the libuv thread pool, at most WRITE_STEP bytes a call, until it is written or a write fails
 // (errno; the caller writes the rest the ordinary way, which reports the error). A buffered write
 // takes page-cache folios as large as itself, and large ones were slow to get on this project's
-// VMs (which hand free 2 MiB blocks back to the hypervisor, page_reporting_order 9): 1 GiB written
+// VMs (likely because they hand free 2 MiB blocks back to the hypervisor): 1 GiB written
 // 256 KiB at a time took 0.17 to 0.24 s, 1 MiB at a time 0.28 to 1.0 s, 2 MiB at a time 1.1 to
 // 2.1 s. preallocate: allocate the blocks first (see preallocate), here rather than on the
 // caller's thread.
