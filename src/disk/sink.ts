@@ -137,7 +137,7 @@ function tempSuffix(): string {
  * streamOptimized -> qcow2, whose decoded chunks are written from memory, took 1.5 s after the VM
  * had been idle for 5 s, 0.6 s right after another run, and 0.63 to 0.67 s either way with this.
  */
-const WRITE_STEP = 256 * 1024;
+export const WRITE_STEP = 256 * 1024;
 
 /**
  * Writes all of `buf` at `pos`: in the native helper on the thread pool, 256 KiB a write, its

@@ -4,7 +4,7 @@ import { existsSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import { AtomicFileSink, lendWrites, removeStaleTemps, WriteLoan } from '../../src/disk/sink.js';
-import { repoRoot, tmpDir, underStrace } from '../helpers/index.js';
+import { pwriteSizes, repoRoot, tmpDir, underStrace } from '../helpers/index.js';
 
 test('an atomic sink shows nothing under the final name until commit', async () => {
   const dir = tmpDir();
@@ -130,7 +130,7 @@ test('writes from memory reach the file 256 KiB a write(2) at most, lent or not,
     process.stdout.write(String(got.length === a.length + b.length && got.subarray(0, a.length).equals(a) && got.subarray(a.length).equals(b)));`;
   const { stdout, calls } = underStrace(dir, 'pwrite64', ['--input-type=module', '-e', script]);
   assert.equal(stdout, 'true', 'the file holds what was written');
-  const sizes = calls.flatMap((l) => /pwrite64\(\d+, .*, (\d+), \d+\) = \d+/.exec(l)?.[1] ?? []).map(Number);
+  const sizes = pwriteSizes(calls);
   assert.equal(
     sizes.reduce((a, b) => a + b, 0),
     5 * 1048576 + 100,

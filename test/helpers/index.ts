@@ -89,6 +89,11 @@ export function underStrace(
   return { stdout: r.stdout, calls: readFileSync(log, 'utf8').split('\n') };
 }
 
+/** The byte counts of the pwrite64 calls in strace lines (underStrace with 'pwrite64'). */
+export function pwriteSizes(lines: string[]): number[] {
+  return lines.flatMap((l) => /pwrite64\(\d+, .*, (\d+), \d+\) = \d+/.exec(l)?.[1] ?? []).map(Number);
+}
+
 export function qemuImg(...args: string[]): string {
   return runOk('qemu-img', args);
 }

@@ -8,6 +8,7 @@ import { createHash } from 'node:crypto';
 import { closeSync, fstatSync, fsyncSync, ftruncateSync, openSync, readSync, writeSync } from 'node:fs';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { ioError } from '../../disk/errors.js';
+import { WRITE_STEP } from '../../disk/sink.js';
 import type { DiskReader } from '../../disk/types.js';
 import { isZero } from '../../disk/zero.js';
 
@@ -34,9 +35,10 @@ export class WorkFile {
     return new WorkFile(path, fd, size);
   }
 
+  /** In steps of WRITE_STEP: one write(2) of a whole 4 MiB chunk was several times slower here (sink.ts). */
   write(offset: number, data: Buffer): void {
     let done = 0;
-    while (done < data.length) done += writeSync(this.fd, data, done, data.length - done, offset + done);
+    while (done < data.length) done += writeSync(this.fd, data, done, Math.min(data.length - done, WRITE_STEP), offset + done);
   }
 
   read(offset: number, length: number, into: Buffer = Buffer.allocUnsafe(length)): Buffer {
