@@ -160,8 +160,9 @@ async function pwrite(fd: number, buf: Buffer, pos: number, preallocate = false)
   });
 }
 
-function writeAllSync(fd: number, buf: Buffer, pos: number): void {
-  for (let off = 0; off < buf.length; ) off += writeSync(fd, buf, off, buf.length - off, pos + off);
+/** Writes all of `buf` at `pos` on the calling thread, WRITE_STEP bytes a write(2) at most. */
+export function writeAllSync(fd: number, buf: Buffer, pos: number): void {
+  for (let off = 0; off < buf.length; ) off += writeSync(fd, buf, off, Math.min(buf.length - off, WRITE_STEP), pos + off);
 }
 
 /** Unlinks `path` when it is a regular file itself (lstat: a symbolic link is left to the rename). */

@@ -5,10 +5,10 @@
  * compare chunk digests of source and working copy, copy only the chunks that differ.
  */
 import { createHash } from 'node:crypto';
-import { closeSync, fstatSync, fsyncSync, ftruncateSync, openSync, readSync, writeSync } from 'node:fs';
+import { closeSync, fstatSync, fsyncSync, ftruncateSync, openSync, readSync } from 'node:fs';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { ioError } from '../../disk/errors.js';
-import { WRITE_STEP } from '../../disk/sink.js';
+import { writeAllSync } from '../../disk/sink.js';
 import type { DiskReader } from '../../disk/types.js';
 import { isZero } from '../../disk/zero.js';
 
@@ -37,8 +37,7 @@ export class WorkFile {
 
   /** In steps of WRITE_STEP: one write(2) of a whole 4 MiB chunk was several times slower here (sink.ts). */
   write(offset: number, data: Buffer): void {
-    let done = 0;
-    while (done < data.length) done += writeSync(this.fd, data, done, Math.min(data.length - done, WRITE_STEP), offset + done);
+    writeAllSync(this.fd, data, offset);
   }
 
   read(offset: number, length: number, into: Buffer = Buffer.allocUnsafe(length)): Buffer {
